@@ -1,0 +1,221 @@
+"""Coconut: continuous thoughts for InternVL (or any causal LM that takes `inputs_embeds` and a KV cache).
+
+Every `<|latent|>` token at column j takes as its input embedding the final-layer hidden state at column j-1,
+computed with all earlier thoughts already in place. That makes the sequence's columns depend on each other in
+order, so `Coconut` runs the decoder in segments split at each column that holds a latent in any row: segment
+i ends just before latent column i, its last hidden state fills that column, and the KV cache carries
+everything before it. Each position is computed exactly once, in (distinct latent columns + 1) passes, and the
+gradient flows back through every pass to the vision tower, the projector and the language model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from utils import is_distributed
+
+
+@dataclass
+class CoconutOutput:
+    """What `Coconut.forward` returns: the loss (None without labels), B x T x V logits, and the input
+    embeddings with the continuous thoughts filled in."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    inputs_embeds: torch.Tensor
+
+
+class Coconut(nn.Module):
+    """Wraps a `transformers` InternVL (or causal LM) so that latent tokens carry continuous thoughts.
+
+    `latent_token_id` marks thought positions; `start_latent_id`/`end_latent_id` delimit them (ordinary tokens
+    for the model); `eos_token_id` ends generation.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        latent_token_id: int,
+        start_latent_id: int,
+        end_latent_id: int,
+        eos_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.latent_token_id = latent_token_id
+        self.start_latent_id = start_latent_id
+        self.end_latent_id = end_latent_id
+        self.eos_token_id = eos_token_id
+        self.decoder = base.get_decoder()
+        self.has_vision = hasattr(base.config, "vision_config")
+        # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
+        params = inspect.signature(self.decoder.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the image-context positions, as InternVL does.
+
+        Under a multi-rank job the vision tower runs once per call on every rank (on a blank tile when this
+        rank's batch has no image) so that sharded layers see the same collectives everywhere.
+        """
+        embeds = self.base.get_input_embeddings()(input_ids)
+        if not self.has_vision or (pixel_values is None and not is_distributed()):
+            return embeds
+        config = self.base.config
+        image_mask = input_ids == config.image_token_id
+        blank = pixel_values is None
+        if blank:
+            size = config.vision_config.image_size
+            pixel_values = embeds.new_zeros(1, config.vision_config.num_channels, size[0], size[1])
+        features = self.base.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        if blank:  # keeps the vision tower in the graph without changing any value
+            return embeds + 0.0 * features.sum()
+        if image_mask.sum().item() != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"{int(image_mask.sum())} image-context tokens but {features.shape[0]} tiles x "
+                f"{features.shape[1]} features; the prompt's image block does not match pixel_values"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def _segments(self, latent_mask: torch.Tensor) -> list[tuple[int, int]]:
+        """Column ranges of the decoder passes: split before every column that holds a latent in any row.
+
+        Under a multi-rank job every rank must run the same number of passes (sharded layers gather their
+        weights on each call), so a rank with fewer latent columns splits its longest segments further, which
+        changes no value.
+        """
+        width = latent_mask.shape[1]
+        columns = torch.nonzero(latent_mask.any(0)).flatten().tolist()  # the one host sync, before any pass
+        if columns and columns[0] == 0:
+            raise ValueError("a <|latent|> token sits in column 0: it needs a position before it")
+        bounds = [0, *columns, width]
+        if is_distributed():
+            passes = torch.tensor([len(bounds) - 1], device=latent_mask.device)
+            torch.distributed.all_reduce(passes, op=torch.distributed.ReduceOp.MAX)
+            while len(bounds) - 1 < int(passes):
+                i = max(range(len(bounds) - 1), key=lambda k: bounds[k + 1] - bounds[k])
+                if bounds[i + 1] - bounds[i] < 2:
+                    raise ValueError("sequence too short to match the other ranks' number of latent passes")
+                bounds.insert(i + 1, (bounds[i] + bounds[i + 1]) // 2)
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+        """Run the decoder over the whole sequence, filling each latent from the hidden state before it.
+
+        Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        latent_mask = input_ids == self.latent_token_id
+        cache = DynamicCache()
+        hidden_parts, embed_parts = [], []
+        for start, end in self._segments(latent_mask):
+            part = embeds[:, start:end]
+            if hidden_parts:
+                # the previous pass ended at column start-1: its last state is the thought for column start
+                thought = hidden_parts[-1][:, -1]
+                first = torch.where(latent_mask[:, start, None], thought, part[:, 0])
+                part = torch.cat([first.unsqueeze(1), part[:, 1:]], dim=1)
+            out = self.decoder(
+                inputs_embeds=part,
+                attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end],
+                use_cache=True,
+                **{self.cache_arg: cache},
+            )
+            hidden_parts.append(out.last_hidden_state)
+            embed_parts.append(part)
+        return torch.cat(hidden_parts, dim=1), torch.cat(embed_parts, dim=1), cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CoconutOutput:
+        """Logits for every position and, with `labels`, the shifted cross-entropy over labels != -100.
+
+        Positions default to the attention mask's cumulative sum minus one, so left and right padding both work.
+        """
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        hidden, embeds, _ = self._prefill(input_ids, attention_mask, pixel_values, position_ids)
+        logits = self.base.get_output_embeddings()(hidden)
+        loss = None
+        if labels is not None:
+            # at least float32: a bf16 softmax over 150k classes loses the loss's precision
+            shifted = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=-100)
+        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=embeds)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+    ) -> torch.Tensor:
+        """Greedy decoding with a KV cache; latents in the (left-padded) prompt are filled as in `forward`.
+
+        Returns the prompt ids followed by the new tokens; a row that produced EOS is padded with EOS after it.
+        Under a multi-rank job, decoding stops only when every row on every rank is done, so all ranks run the
+        same number of decoder calls.
+        """
+        position_ids = positions_from_mask(attention_mask)
+        hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids)
+        head, embedding = self.base.get_output_embeddings(), self.base.get_input_embeddings()
+        next_pos = position_ids[:, -1:] + 1
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            token = head(hidden[:, -1]).argmax(-1)
+            token = torch.where(done, torch.full_like(token, self.eos_token_id), token)
+            new_tokens.append(token)
+            done |= token == self.eos_token_id
+            if step == max_new_tokens - 1 or _all_done(done):
+                break
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1
+            )
+            out = self.decoder(
+                inputs_embeds=embedding(token[:, None]),
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                use_cache=True,
+                **{self.cache_arg: cache},
+            )
+            hidden = out.last_hidden_state
+            next_pos = next_pos + 1
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: cumulative sum of the mask minus one (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _all_done(done: torch.Tensor) -> bool:
+    """True when every row has finished, on every rank of a multi-rank job."""
+    remaining = (~done).sum()
+    if is_distributed():
+        torch.distributed.all_reduce(remaining)
+    return int(remaining) == 0

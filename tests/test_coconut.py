@@ -1,0 +1,218 @@
+"""Coconut's cached multi-pass forward and generate against a naive reference that recomputes everything.
+
+The reference fills one latent column at a time by running the base model's own forward (its own image
+merging, no cache) over the whole sequence, so any error in segmenting, caching, positions or image placement
+shows up as a mismatch in logits, loss, gradients or generated tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import image_block, make_coconut
+
+from coconut import positions_from_mask
+from internvl import LATENT_TOKENS
+
+
+def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id):
+    """Recompute the whole sequence once per distinct latent column, without a cache."""
+    positions = positions_from_mask(attention_mask)
+    embeds = base.get_input_embeddings()(input_ids)
+    latent = input_ids == latent_id
+
+    def run(embeds):
+        out = base.model(
+            inputs_embeds=embeds,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=positions,
+        )
+        return out.last_hidden_state
+
+    for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):
+        hidden = run(embeds)
+        fill = torch.zeros_like(latent)
+        fill[:, col] = latent[:, col]
+        shifted = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)  # column j gets the state of j-1
+        embeds = torch.where(fill.unsqueeze(-1), shifted, embeds)
+    return base.lm_head(run(embeds))
+
+
+def shifted_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def build_batch(base, tokenizer, rows, pad_left):
+    """rows: (n_tiles, prefix_len, n_latents, suffix_len); random text, padded left or right per row."""
+    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    gen = torch.Generator().manual_seed(1)
+    seqs, tiles = [], 0
+    for n_tiles, prefix, n_latents, suffix in rows:
+        text = lambda n: torch.randint(0, 256, (n,), generator=gen).tolist()  # noqa: E731
+        marked = [start] + [latent] * n_latents + [end] if n_latents else []
+        seqs.append(image_block(base, tokenizer, n_tiles) + text(prefix) + marked + text(suffix))
+        tiles += n_tiles
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (seq, left) in enumerate(zip(seqs, pad_left)):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[i, cols] = torch.tensor(seq)
+        mask[i, cols] = 1
+    size = base.config.vision_config.image_size
+    pixels = torch.randn(tiles, 3, size[0], size[1], generator=gen, dtype=torch.float64) if tiles else None
+    labels = torch.where((mask == 1) & (ids < 256), ids, -100)
+    return ids, mask, pixels, labels
+
+
+LAYOUTS = {
+    "aligned": ([(1, 5, 3, 6), (1, 5, 3, 6)], [False, False]),
+    "misaligned_right_pad": ([(1, 3, 2, 8), (0, 9, 4, 2), (2, 4, 1, 5)], [False, False, False]),
+    "misaligned_left_pad": ([(1, 3, 2, 8), (0, 9, 4, 2), (0, 2, 0, 4)], [True, True, True]),
+    "mixed_padding_text_only": ([(0, 3, 3, 4), (0, 7, 1, 2), (0, 5, 0, 6)], [True, False, True]),
+    "no_latents_several_tiles": ([(2, 4, 0, 5), (1, 6, 0, 3)], [True, False]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_matches_reference(tiny_base, layout):
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS[layout])
+
+    out = model(ids, mask, labels=labels, pixel_values=pixels)
+    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
+    ref = reference_logits(base, ids, mask, pixels, model.latent_token_id)
+    ref_loss = shifted_loss(ref, labels)
+    ref_grads = torch.autograd.grad(ref_loss, list(base.parameters()), allow_unused=True)
+
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], ref[real], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-9, atol=1e-9)
+    checked = 0
+    for (name, _), g, r in zip(base.named_parameters(), grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            # parts of the vision tower take a float32 softmax even in float64: compare at that precision
+            assert (g - r).abs().max() <= 1e-6 * r.abs().max(), name
+            checked += 1
+    assert checked == len(list(base.parameters())) - (
+        0
+        if pixels is not None
+        else len(list(base.model.vision_tower.parameters()))
+        + len(list(base.model.multi_modal_projector.parameters()))
+    )
+
+
+def test_no_latents_equals_plain_internvl(tiny_base):
+    """Without latents Coconut is exactly InternVL's own forward (image features placed as InternVL does)."""
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["no_latents_several_tiles"])
+    out = model(ids, mask, labels=labels, pixel_values=pixels)
+    plain = base(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions_from_mask(mask)
+    )
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], plain.logits[real], rtol=1e-10, atol=1e-10)
+
+
+def test_thoughts_are_previous_hidden_states(tiny_base):
+    """`inputs_embeds` holds, at each latent, the final hidden state of the column before it."""
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, _ = build_batch(base, tokenizer, *LAYOUTS["misaligned_right_pad"])
+    out = model(ids, mask, pixel_values=pixels)
+    hidden = base.model(
+        inputs_embeds=out.inputs_embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+    ).last_hidden_state
+    rows, cols = torch.nonzero(ids == model.latent_token_id, as_tuple=True)
+    assert len(rows) == 7
+    torch.testing.assert_close(out.inputs_embeds[rows, cols], hidden[rows, cols - 1], rtol=1e-9, atol=1e-9)
+
+
+def test_gradients_reach_vision_projector_and_language_model(tiny_base):
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["aligned"])
+    base.zero_grad()
+    model(ids, mask, labels=labels, pixel_values=pixels).loss.backward()
+    for part in (base.model.vision_tower, base.model.multi_modal_projector, base.model.language_model):
+        assert all(
+            p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters() if p.requires_grad
+        )
+    base.zero_grad()
+
+
+def test_passes_one_per_latent_column_plus_one(tiny_base):
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, _ = build_batch(base, tokenizer, *LAYOUTS["misaligned_left_pad"])
+    calls = []
+    handle = model.decoder.register_forward_hook(lambda m, args, kwargs_out: calls.append(1))
+    with torch.no_grad():
+        model(ids, mask, pixel_values=pixels)
+    handle.remove()
+    columns = torch.unique(torch.nonzero(ids == model.latent_token_id)[:, 1])
+    assert len(calls) == len(columns) + 1
+
+
+def reference_generate(base, ids, mask, pixels, latent_id, eos, max_new_tokens):
+    """Greedy decoding for one unpadded row by recomputing the whole sequence for every new token."""
+    for _ in range(max_new_tokens):
+        logits = reference_logits(base, ids, mask, pixels, latent_id)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        if token.item() == eos:
+            break
+    return ids[0].tolist()
+
+
+def test_generate_left_padded_batch_matches_each_row_alone(tiny_base):
+    base, tokenizer = tiny_base
+    rows = [(1, 3, 2, 2), (0, 9, 4, 1), (2, 2, 0, 3)]
+    ids, mask, pixels, _ = build_batch(base, tokenizer, rows, [True, True, True])
+    latent_id = make_coconut(base, tokenizer).latent_token_id
+    new = 6
+    tile = image_block(base, tokenizer, 1)[1]
+    with torch.no_grad():
+        alone, first_tile = [], 0
+        for i, (n_tiles, *_rest) in enumerate(rows):
+            keep = mask[i].bool()
+            row_pixels = pixels[first_tile : first_tile + n_tiles] if n_tiles else None
+            first_tile += n_tiles
+            assert (ids[i] == tile).sum() == n_tiles * 16
+            alone.append(
+                reference_generate(
+                    base, ids[i : i + 1, keep], mask[i : i + 1, keep], row_pixels, latent_id, -1, new
+                )
+            )
+        # make the first row stop early: EOS is the token it generates third
+        eos = alone[0][-new + 2]
+        model = make_coconut(base, tokenizer, eos_token_id=eos)
+        out = model.generate(ids, mask, pixel_values=pixels, max_new_tokens=new)
+    assert out.shape == (3, ids.shape[1] + new)
+    for i in range(3):
+        expected = alone[i][len(alone[i]) - new :]
+        if eos in expected:
+            stop = expected.index(eos)
+            expected = expected[: stop + 1] + [eos] * (new - stop - 1)
+        assert out[i, -new:].tolist() == expected, i
+        assert out[i, : ids.shape[1]].tolist() == ids[i].tolist()
+    assert out[0, -new:].tolist()[2:] == [eos] * (new - 2)
+
+
+def test_generate_uses_the_cache(tiny_base):
+    """Each new token is one decoder call on one column: the prefix is never recomputed."""
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer, eos_token_id=-1)
+    ids, mask, pixels, _ = build_batch(base, tokenizer, [(1, 3, 2, 2), (0, 5, 0, 1)], [True, True])
+    widths = []
+    handle = model.decoder.register_forward_hook(
+        lambda m, args, kwargs, out: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    model.generate(ids, mask, pixel_values=pixels, max_new_tokens=5)
+    handle.remove()
+    assert sum(widths[:-4]) == ids.shape[1] and widths[-4:] == [1, 1, 1, 1]

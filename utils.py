@@ -1,0 +1,256 @@
+"""Configuration, seeding and distributed plumbing shared by every entry point.
+
+A run is described by one YAML file in `args/`. `load_config` turns it into a typed `Config`: it follows
+`base_config:` chains, replaces `${VAR}` from the environment, applies `key=value` overrides from the command
+line and checks every key and type, so a typo stops the run before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, data, paths); entry points print it as one line and exit 2."""
+
+
+@dataclass
+class Config:
+    """Every key a YAML file in `args/` may set, with its default. Names follow the original Coconut."""
+
+    # run
+    name: str = "run"
+    seed: int = 0
+    save_path: str = "checkpoints"
+    resume: str = "none"  # "auto": continue from the newest checkpoint in save_path/name
+    only_eval: bool = False
+    save_only_improve: bool = False
+    # model
+    model_id: str = "tiny"  # "tiny" (random, offline), a local folder or a hub id
+    load_model_path: str = "none"
+    latent_init: str = "mean"  # new token rows: "mean" of all rows, or the text of an existing token
+    bf16: bool = False
+    # data
+    train_path: str = ""
+    val_path: str = ""
+    image_root: str = ""  # empty: image paths are relative to the data file's folder
+    max_num_tiles: int = 12
+    use_thumbnail: bool = True
+    prompt_template: str = "{image}{question}\n"
+    image_cache_mb: int = 1024
+    # training mode and curriculum
+    coconut: bool = False
+    cot: bool = False
+    no_cot: bool = False
+    no_thoughts: bool = False
+    c_thought: int = 1
+    max_latent_stage: int = 3
+    epochs_per_stage: int = 1
+    pad_latent_to_max: bool = False
+    uniform_prob: float = 0.0
+    # optimisation
+    num_epochs: int = 10
+    batch_size_training: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    reset_optimizer: bool = False
+    # distribution
+    use_fsdp: bool = False
+    use_ddp: bool = False
+    # {stage: {key: value}}: keys that change from a given curriculum stage on
+    stage_overrides: dict = field(default_factory=dict)
+
+    def for_stage(self, stage: int) -> Config:
+        """Return the config in force at curriculum `stage`: every override of a stage <= `stage`, in order."""
+        values = dataclasses.asdict(self)
+        for start in sorted(self.stage_overrides):
+            if start <= stage:
+                values.update(self.stage_overrides[start])
+        return Config(**values)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "dict": "a mapping",
+}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _check_value(key: str, value: Any, where: str) -> Any:
+    """Return `value` converted to the type of `key`, or raise a UserError naming the key and the file."""
+    if key not in _FIELDS:
+        close = difflib.get_close_matches(key, _FIELDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"{where}: unknown key '{key}'{hint}; remove it or fix its name")
+    kind = _FIELDS[key].type
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        raise UserError(f"{where}: key '{key}' must be {_TYPE_NAMES[kind]}, got {value!r}; fix its value")
+    return float(value) if kind == "float" else value
+
+
+def _substitute_env(value: Any, key: str, where: str) -> Any:
+    """Replace every `${VAR}` in the strings of `value` from the environment; an unset variable is an error."""
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, key, where) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise UserError(
+                f"{where}: environment variable {name} (used by key '{key}') is not set; export it"
+            )
+        return os.environ[name]
+
+    return _ENV.sub(lookup, value)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
+    """Read one YAML file and its `base_config` chain into {key: (value, file it came from)}."""
+    if path in seen:
+        raise UserError(f"{path}: base_config chain loops back to itself; remove the cycle")
+    if not path.is_file():
+        where = f"{seen[-1]}: base_config" if seen else "config"
+        raise UserError(f"{where} file {path} does not exist; check the path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: must be a mapping of key: value lines")
+    values: dict[str, tuple[Any, str]] = {}
+    base = raw.pop("base_config", None)
+    if base is not None:
+        values.update(_read_yaml((path.parent / str(base)).resolve(), seen + (path,)))
+    values.update({key: (value, str(path)) for key, value in raw.items()})
+    return values
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Load `path` (following `base_config`), apply `key=value` overrides, substitute `${VAR}` and validate.
+
+    Every problem raises a `UserError` whose one line names the key, the file it came from and the fix:
+    unknown keys, wrong types, unset environment variables and contradictory modes.
+    """
+    raw = _read_yaml(Path(path).resolve())
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"command line: '{item}' is not key=value; write e.g. lr=1e-4")
+        raw[key] = (yaml.safe_load(text) if text else "", "command line")
+    values = {}
+    for key, (value, where) in raw.items():
+        value = _check_value(key, _substitute_env(value, key, where), where)
+        if key == "stage_overrides":
+            value = _check_stage_overrides(value, where)
+        values[key] = value
+    config = Config(**values)
+    _check_modes(config, str(path))
+    return config
+
+
+def _check_stage_overrides(value: dict, where: str) -> dict[int, dict]:
+    """Validate `stage_overrides`: integer stages mapping to valid keys (no mode or path keys)."""
+    fixed = {"coconut", "cot", "no_cot", "no_thoughts", "stage_overrides", "use_fsdp", "use_ddp", "model_id"}
+    checked = {}
+    for stage, keys in value.items():
+        if not isinstance(stage, int) or not isinstance(keys, dict):
+            raise UserError(f"{where}: stage_overrides must map stage numbers to key: value mappings")
+        for key in keys:
+            if key in fixed:
+                raise UserError(f"{where}: stage_overrides cannot change '{key}'; set it at the top level")
+        checked[stage] = {
+            key: _check_value(key, v, f"{where} (stage_overrides {stage})") for key, v in keys.items()
+        }
+    return checked
+
+
+def _check_modes(config: Config, where: str) -> None:
+    """Reject contradictory or out-of-range settings with one line naming the keys."""
+    modes = [m for m in ("coconut", "cot", "no_cot") if getattr(config, m)]
+    if len(modes) != 1:
+        got = " and ".join(modes) if modes else "none"
+        raise UserError(f"{where}: set exactly one of coconut, cot, no_cot to true (got {got})")
+    if config.no_thoughts and not config.coconut:
+        raise UserError(
+            f"{where}: no_thoughts is an ablation of the coconut curriculum; also set coconut: true"
+        )
+    if config.use_fsdp and config.use_ddp:
+        raise UserError(f"{where}: use_fsdp and use_ddp are both true; choose one")
+    if config.resume not in ("none", "auto"):
+        raise UserError(f"{where}: resume must be 'none' or 'auto', got {config.resume!r}")
+    positive = (
+        "c_thought",
+        "epochs_per_stage",
+        "num_epochs",
+        "batch_size_training",
+        "gradient_accumulation_steps",
+    )
+    for key in positive + ("max_num_tiles",):
+        if getattr(config, key) < 1:
+            raise UserError(f"{where}: {key} must be at least 1, got {getattr(config, key)}")
+    if config.max_latent_stage < 0:
+        raise UserError(f"{where}: max_latent_stage must be at least 0, got {config.max_latent_stage}")
+    if not 0.0 <= config.uniform_prob <= 1.0:
+        raise UserError(f"{where}: uniform_prob must be between 0 and 1, got {config.uniform_prob}")
+    for key in ("{image}", "{question}"):
+        if key not in config.prompt_template:
+            raise UserError(f"{where}: prompt_template must contain {key}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job; a plain `python` run is rank 0 of 1."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Read rank, local rank (which device this process drives) and world size from torchrun's environment."""
+    env = os.environ
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running (collectives must then match)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
