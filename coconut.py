@@ -193,9 +193,7 @@ class Coconut(nn.Module):
             done |= token == self.eos_token_id
             if step == max_new_tokens - 1 or _all_done(done):
                 break
-            attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1
-            )
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
             out = self.decoder(
                 inputs_embeds=embedding(token[:, None]),
                 attention_mask=attention_mask,

@@ -105,9 +105,7 @@ def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
     if init != "mean":
         source = tokenizer.encode(init, add_special_tokens=False)
         if len(source) != 1:
-            raise UserError(
-                f"config: latent_init '{init}' is {len(source)} tokens; use 'mean' or one token's text"
-            )
+            raise UserError(f"config: latent_init '{init}' is {len(source)} tokens; use 'mean' or one token's text")
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         tables = [model.get_input_embeddings().weight]
@@ -148,6 +146,4 @@ def _download(model_id: str) -> str:
     try:
         return snapshot_download(model_id)
     except Exception as err:  # the hub client raises many types; the user needs the one-line reason
-        raise UserError(
-            f"config: model_id '{model_id}' is no local folder and could not be fetched ({err})"
-        ) from None
+        raise UserError(f"config: model_id '{model_id}' is no local folder and could not be fetched ({err})") from None

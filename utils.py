@@ -121,9 +121,7 @@ def _substitute_env(value: Any, key: str, where: str) -> Any:
     def lookup(match: re.Match) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise UserError(
-                f"{where}: environment variable {name} (used by key '{key}') is not set; export it"
-            )
+            raise UserError(f"{where}: environment variable {name} (used by key '{key}') is not set; export it")
         return os.environ[name]
 
     return _ENV.sub(lookup, value)
@@ -185,9 +183,7 @@ def _check_stage_overrides(value: dict, where: str) -> dict[int, dict]:
         for key in keys:
             if key in fixed:
                 raise UserError(f"{where}: stage_overrides cannot change '{key}'; set it at the top level")
-        checked[stage] = {
-            key: _check_value(key, v, f"{where} (stage_overrides {stage})") for key, v in keys.items()
-        }
+        checked[stage] = {key: _check_value(key, v, f"{where} (stage_overrides {stage})") for key, v in keys.items()}
     return checked
 
 
@@ -198,9 +194,7 @@ def _check_modes(config: Config, where: str) -> None:
         got = " and ".join(modes) if modes else "none"
         raise UserError(f"{where}: set exactly one of coconut, cot, no_cot to true (got {got})")
     if config.no_thoughts and not config.coconut:
-        raise UserError(
-            f"{where}: no_thoughts is an ablation of the coconut curriculum; also set coconut: true"
-        )
+        raise UserError(f"{where}: no_thoughts is an ablation of the coconut curriculum; also set coconut: true")
     if config.use_fsdp and config.use_ddp:
         raise UserError(f"{where}: use_fsdp and use_ddp are both true; choose one")
     if config.resume not in ("none", "auto"):

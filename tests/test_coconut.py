@@ -101,8 +101,7 @@ def test_forward_matches_reference(tiny_base, layout):
     assert checked == len(list(base.parameters())) - (
         0
         if pixels is not None
-        else len(list(base.model.vision_tower.parameters()))
-        + len(list(base.model.multi_modal_projector.parameters()))
+        else len(list(base.model.vision_tower.parameters())) + len(list(base.model.multi_modal_projector.parameters()))
     )
 
 
@@ -112,9 +111,7 @@ def test_no_latents_equals_plain_internvl(tiny_base):
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["no_latents_several_tiles"])
     out = model(ids, mask, labels=labels, pixel_values=pixels)
-    plain = base(
-        input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions_from_mask(mask)
-    )
+    plain = base(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions_from_mask(mask))
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], plain.logits[real], rtol=1e-10, atol=1e-10)
 
@@ -140,9 +137,7 @@ def test_gradients_reach_vision_projector_and_language_model(tiny_base):
     base.zero_grad()
     model(ids, mask, labels=labels, pixel_values=pixels).loss.backward()
     for part in (base.model.vision_tower, base.model.multi_modal_projector, base.model.language_model):
-        assert all(
-            p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters() if p.requires_grad
-        )
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters() if p.requires_grad)
     base.zero_grad()
 
 
@@ -185,9 +180,7 @@ def test_generate_left_padded_batch_matches_each_row_alone(tiny_base):
             first_tile += n_tiles
             assert (ids[i] == tile).sum() == n_tiles * 16
             alone.append(
-                reference_generate(
-                    base, ids[i : i + 1, keep], mask[i : i + 1, keep], row_pixels, latent_id, -1, new
-                )
+                reference_generate(base, ids[i : i + 1, keep], mask[i : i + 1, keep], row_pixels, latent_id, -1, new)
             )
         # make the first row stop early: EOS is the token it generates third
         eos = alone[0][-new + 2]
