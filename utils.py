@@ -99,6 +99,11 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"{where}: unknown key '{key}'{hint}; remove it or fix its name")
     kind = _FIELDS[key].type
+    if kind == "float" and isinstance(value, str):
+        try:  # YAML reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),

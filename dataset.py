@@ -1,0 +1,319 @@
+"""Staged multimodal data: records, InternVL image tiling, the Coconut curriculum and batching.
+
+A record is `{"id"?, "image": path | [paths] | null, "question", "steps": [str], "answer"}` (plus optional
+`choices` and `meta`, which the scorer reads). A training sequence at curriculum stage k is
+
+    <img>(context)</img>\\n question \\n <|start-latent|> <|latent|> x n <|end-latent|> steps[k:] ### answer <eos>
+
+where the first k steps are replaced by n = k x c_thought latents (see `stage_plan` for the one rule used in
+training and evaluation). Tokenisation happens once per record; a stage change only re-assembles token lists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import PreTrainedTokenizerBase
+
+from internvl import LATENT_TOKENS
+from utils import Config, UserError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+ANSWER_PREFIX = "### "
+_FIELDS = {"id", "image", "question", "steps", "answer", "choices", "meta"}
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def load_records(path: str) -> list[dict]:
+    """Read a JSON list or JSONL file of records and check each one; a bad record stops with its index/id."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: data file not found; check train_path/val_path")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON or JSONL ({err.msg} at line {err.lineno}); fix the file") from None
+    if not records:
+        raise UserError(f"{path}: no records; the file is empty")
+    for index, record in enumerate(records):
+        _check_record(record, f"{path}: record {index}")
+    return records
+
+
+def _check_record(record: object, where: str) -> None:
+    """Raise a UserError naming the record and the field when `record` does not follow the format."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: must be an object with question, steps and answer")
+    if "id" in record:
+        where = f"{where} (id {record['id']!r})"
+    unknown = set(record) - _FIELDS
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; allowed are {sorted(_FIELDS)}")
+    for key in ("question", "answer"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise UserError(f"{where}: '{key}' must be a non-empty string")
+    steps = record.get("steps")
+    if not isinstance(steps, list) or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise UserError(f"{where}: 'steps' must be a list of non-empty strings")
+    image = record.get("image")
+    if not (
+        image is None or isinstance(image, str) or (isinstance(image, list) and all(isinstance(p, str) for p in image))
+    ):
+        raise UserError(f"{where}: 'image' must be a path, a list of paths or null")
+
+
+def image_paths(record: dict, data_path: str, image_root: str) -> list[Path]:
+    """The record's image files, relative to `image_root` or else to the data file's folder."""
+    image = record.get("image")
+    paths = [] if image is None else [image] if isinstance(image, str) else image
+    root = Path(image_root) if image_root else Path(data_path).parent
+    return [root / p for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def tile_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """InternVL's choice of (columns, rows): the grid with columns*rows <= max_tiles whose aspect ratio is closest
+    to the image's; among equally close grids, a larger one wins when the image has more than half its pixels."""
+    grids = sorted(
+        {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles},
+        key=lambda g: (g[0] * g[1], g),
+    )
+    aspect = width / height
+    best, best_diff = (1, 1), math.inf
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(width: int, height: int, tile: int, max_tiles: int, use_thumbnail: bool) -> int:
+    """How many tiles `tile_image` cuts an image of this size into (the thumbnail included)."""
+    cols, rows = tile_grid(width, height, tile, max_tiles)
+    return cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
+
+
+def tile_image(image: Image.Image, tile: int, max_tiles: int, use_thumbnail: bool) -> np.ndarray:
+    """Cut an RGB image into InternVL's dynamic tiles: uint8 array of shape (tiles, tile, tile, 3).
+
+    The image is resized to the chosen grid and cut row by row; when there is more than one tile, a thumbnail
+    of the whole image follows.
+    """
+    cols, rows = tile_grid(image.width, image.height, tile, max_tiles)
+    grid = np.asarray(image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC))
+    tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile, tile, 3)
+    if use_thumbnail and len(tiles) > 1:
+        thumb = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))
+        tiles = np.concatenate([tiles, thumb[None]])
+    return tiles
+
+
+def normalize(tiles: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) tiles to the float (N, 3, H, W) tensor the vision tower takes (ImageNet mean/std)."""
+    x = (tiles.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+@contextmanager
+def image_file(path: Path, where: str) -> Iterator[Image.Image]:
+    """Open an image file lazily (header only until pixels are used); a missing or unreadable file stops with
+    one line naming the record and the file."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise UserError(f"{where}: image {path} not found; fix the path or set image_root") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{where}: image {path} cannot be read ({err}); replace the file") from None
+
+
+# ---------------------------------------------------------------------------------------------- curriculum
+
+
+def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
+    """(steps removed, latent tokens) for a record with `n_steps` steps at curriculum `stage`.
+
+    Stage k removes the first k steps and puts k x c_thought latents in their place; past max_latent_stage all
+    steps go. The number of latent steps is capped at max_latent_stage and, unless pad_latent_to_max, at the
+    record's own step count. The same rule builds training sequences and evaluation prompts.
+    """
+    if config.cot:
+        return 0, 0
+    if config.no_cot:
+        return n_steps, 0
+    removed = n_steps if stage > config.max_latent_stage else min(stage, n_steps)
+    latent_steps = min(stage, config.max_latent_stage)
+    if not config.pad_latent_to_max:
+        latent_steps = min(latent_steps, n_steps)
+    return removed, 0 if config.no_thoughts else latent_steps * config.c_thought
+
+
+def stage_for_epoch(epoch: int, config: Config) -> int:
+    """The curriculum stage trained in `epoch` (0-based): stage 0 throughout for cot/no_cot."""
+    return epoch // config.epochs_per_stage if config.coconut else 0
+
+
+@dataclass
+class TokenizedRecord:
+    """A record's token ids, computed once: the prompt (image block and question), each step, the answer."""
+
+    prompt: list[int]
+    steps: list[list[int]]
+    answer: list[int]
+    images: list[Path]
+    n_tiles: list[int]
+
+
+class CoconutDataset(torch.utils.data.Dataset):
+    """Records of one file, tokenised once, served at the stage set by `set_epoch`.
+
+    With `for_generation` an item is the evaluation prompt (up to and including the latents) and the gold
+    answer; otherwise it is the full training sequence with labels (-100 on image, question, markers and
+    latents).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        config: Config,
+        tile: int,
+        tokens_per_tile: int,
+        for_generation: bool = False,
+    ) -> None:
+        self.path, self.config, self.tile, self.for_generation = path, config, tile, for_generation
+        self.records = load_records(path)
+        self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+        self.eos_id = tokenizer.eos_token_id
+        self.tokens = [self._tokenize(i, r, tokenizer, tokens_per_tile) for i, r in enumerate(self.records)]
+        self.cache: dict[Path, np.ndarray] = {}
+        self.cache_bytes = 0
+        self.stage, self.epoch = 0, 0
+
+    def _where(self, index: int) -> str:
+        record = self.records[index]
+        return f"{self.path}: record {index}" + (f" (id {record['id']!r})" if "id" in record else "")
+
+    def _tokenize(self, index: int, record: dict, tokenizer: PreTrainedTokenizerBase, per_tile: int) -> TokenizedRecord:
+        """Token ids of one record; image sizes are read from file headers only, to count tiles."""
+        paths = image_paths(record, self.path, self.config.image_root)
+        counts = []
+        for path in paths:
+            with image_file(path, self._where(index)) as image:
+                size = image.size
+            counts.append(num_tiles(*size, self.tile, self.config.max_num_tiles, self.config.use_thumbnail))
+        blocks = ["<img>" + "<IMG_CONTEXT>" * (n * per_tile) + "</img>\n" for n in counts]
+        if len(blocks) > 1:
+            blocks = [f"Image-{k + 1}: {block}" for k, block in enumerate(blocks)]
+        text = self.config.prompt_template.format(image="".join(blocks), question=record["question"])
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        expected = sum(counts) * per_tile
+        context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        if prompt.count(context_id) != expected:  # the question itself spelled an image token
+            raise UserError(f"{self._where(index)}: question contains image tokens; remove them")
+        steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record["steps"]]
+        answer = tokenizer.encode(ANSWER_PREFIX + record["answer"], add_special_tokens=False) + [self.eos_id]
+        return TokenizedRecord(prompt, steps, answer, paths, counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve the curriculum stage of `epoch`; with uniform_prob, each item's stage is redrawn per epoch."""
+        self.epoch, self.stage = epoch, stage_for_epoch(epoch, self.config)
+
+    def item_stage(self, index: int) -> int:
+        """The stage of item `index` this epoch: the epoch's stage, or with probability uniform_prob a stage
+        drawn uniformly from 0..steps (seeded by seed, epoch and index, so any worker order gives the same)."""
+        if self.for_generation or not self.config.coconut or self.config.uniform_prob == 0:
+            return self.stage
+        rng = np.random.default_rng([self.config.seed, self.epoch, index])
+        if rng.random() < self.config.uniform_prob:
+            return int(rng.integers(0, len(self.tokens[index].steps) + 1))
+        return self.stage
+
+    def pixel_values(self, index: int) -> torch.Tensor | None:
+        """Normalised tiles of the item's images in order, or None for a text-only record."""
+        tokens = self.tokens[index]
+        if not tokens.images:
+            return None
+        tiles = [self._tiles(path, index) for path in tokens.images]
+        return normalize(np.concatenate(tiles))
+
+    def _tiles(self, path: Path, index: int) -> np.ndarray:
+        """Decoded uint8 tiles of one image, kept in memory (up to image_cache_mb) so epochs don't re-decode."""
+        if path not in self.cache:
+            with image_file(path, self._where(index)) as image:
+                rgb = image.convert("RGB")
+            tiles = tile_image(rgb, self.tile, self.config.max_num_tiles, self.config.use_thumbnail)
+            if self.cache_bytes + tiles.nbytes > self.config.image_cache_mb * 2**20:
+                return tiles
+            self.cache[path] = tiles
+            self.cache_bytes += tiles.nbytes
+        return self.cache[path]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        tokens = self.tokens[index]
+        removed, n_latents = stage_plan(self.item_stage(index), len(tokens.steps), self.config)
+        markers = self.config.coconut and not self.config.no_thoughts
+        thought = [self.start_id] + [self.latent_id] * n_latents + [self.end_id] if markers else []
+        prompt = tokens.prompt + thought
+        item = {"index": index, "pixel_values": self.pixel_values(index)}
+        if self.for_generation:
+            return item | {"input_ids": prompt}
+        target = [t for step in tokens.steps[removed:] for t in step] + tokens.answer
+        return item | {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+
+
+def collate(batch: list[dict], pad_id: int, latent_id: int) -> dict:
+    """Pad a list of items into tensors; tiles of all rows are concatenated in row order.
+
+    Training rows (with labels) are shifted right so that their first latents share one column, which keeps the
+    number of decoder passes at its minimum, then padded on the right. Generation prompts are padded on the
+    left so every row's next token is the last column.
+    """
+    ids = [item["input_ids"] for item in batch]
+    if "labels" in batch[0]:
+        firsts = [seq.index(latent_id) if latent_id in seq else None for seq in ids]
+        align = max((f for f in firsts if f is not None), default=0)
+        left = [align - f if f is not None else 0 for f in firsts]
+    else:
+        left = [max(map(len, ids)) - len(seq) for seq in ids]
+    width = max(pad + len(seq) for pad, seq in zip(left, ids))
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for row, (pad, seq) in enumerate(zip(left, ids)):
+        input_ids[row, pad : pad + len(seq)] = torch.tensor(seq)
+        attention_mask[row, pad : pad + len(seq)] = 1
+        if "labels" in batch[row]:
+            labels[row, pad : pad + len(seq)] = torch.tensor(batch[row]["labels"])
+    tiles = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat(tiles) if tiles else None,
+        "index": torch.tensor([item["index"] for item in batch]),
+    }
+    if "labels" in batch[0]:
+        out["labels"] = labels
+    return out

@@ -1,0 +1,62 @@
+"""YAML configs: base chains, ${VAR}, command-line overrides, per-stage overrides and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from utils import Config, UserError, load_config
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_base_config_env_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", "/data")
+    write(tmp_path, "base.yaml", "coconut: true\nlr: 0.001\nc_thought: 2\ntrain_path: ${DATA_DIR}/train.jsonl\n")
+    path = write(tmp_path, "run.yaml", "base_config: base.yaml\nc_thought: 3\nname: child\n")
+    config = load_config(path, ["lr=5e-5", "bf16=true", "name=cli"])
+    assert (config.c_thought, config.lr, config.bf16, config.name) == (3, 5e-5, True, "cli")
+    assert config.train_path == "/data/train.jsonl"
+    assert config.batch_size_training == Config().batch_size_training  # defaults fill the rest
+
+
+def test_stage_overrides_apply_from_their_stage_on(tmp_path):
+    path = write(tmp_path, "a.yaml", "coconut: true\nlr: 0.1\nstage_overrides:\n  2: {lr: 0.01}\n  4: {lr: 0.001}\n")
+    config = load_config(path)
+    assert [config.for_stage(s).lr for s in (0, 1, 2, 3, 4, 9)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("coconut: true\nlrr: 1\n", [], r"a.yaml: unknown key 'lrr' \(did you mean 'lr'\?\)"),
+        ("coconut: true\nlr: fast\n", [], "a.yaml: key 'lr' must be a number, got 'fast'"),
+        ("coconut: true\nc_thought: 1.5\n", [], "key 'c_thought' must be an integer"),
+        ("coconut: true\nbf16: 1\n", [], "key 'bf16' must be true or false"),
+        ("coconut: true\ncot: true\n", [], "set exactly one of coconut, cot, no_cot to true \\(got coconut and cot\\)"),
+        ("lr: 1\n", [], "set exactly one of coconut, cot, no_cot"),
+        ("cot: true\nuse_fsdp: true\nuse_ddp: true\n", [], "use_fsdp and use_ddp are both true; choose one"),
+        ("cot: true\ntrain_path: ${NOPE_UNSET}/x\n", [], "environment variable NOPE_UNSET .*'train_path'.* is not set"),
+        ("cot: true\n", ["lr"], "command line: 'lr' is not key=value"),
+        ("cot: true\n", ["epochs=3"], "command line: unknown key 'epochs'"),
+        ("cot: [unclosed\n", [], "a.yaml: not valid YAML at line"),
+        ("coconut: true\nstage_overrides: {1: {cot: true}}\n", [], "stage_overrides cannot change 'cot'"),
+        ("coconut: true\nstage_overrides: {1: {lr: x}}\n", [], r"\(stage_overrides 1\): key 'lr' must be a number"),
+        ("no_thoughts: true\ncot: true\n", [], "no_thoughts is an ablation of the coconut curriculum"),
+        ("base_config: missing.yaml\ncot: true\n", [], "base_config file .*missing.yaml does not exist"),
+    ],
+)
+def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, message):
+    monkeypatch.delenv("NOPE_UNSET", raising=False)
+    path = write(tmp_path, "a.yaml", text)
+    with pytest.raises(UserError, match=message) as err:
+        load_config(path, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_shipped_configs_load():
+    for name in ("multimodal_cot", "multimodal_coconut"):
+        assert load_config(f"args/{name}.yaml").model_id

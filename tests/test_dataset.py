@@ -1,0 +1,171 @@
+"""Records, InternVL tiling, the stage layout, labels and the collator, on the tiny tokenizer and model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_coconut
+from PIL import Image
+
+from dataset import CoconutDataset, collate, load_records, num_tiles, stage_plan, tile_grid, tile_image
+from internvl import LATENT_TOKENS, image_seq_length, tile_size
+from utils import Config, UserError
+
+
+@pytest.mark.parametrize(
+    "size, grid",
+    [((800, 600), (4, 3)), ((1920, 1080), (4, 2)), ((300, 1200), (1, 4)), ((448, 448), (1, 1)), ((1000, 1000), (3, 3))],
+)
+def test_tile_grid_follows_internvl_rule(size, grid):
+    # worked by hand from InternVL's rule: closest aspect ratio, ties to the larger grid only for big images
+    assert tile_grid(*size, 448, 12) == grid
+
+
+def test_tiles_cut_row_by_row_with_thumbnail():
+    image = np.zeros((128, 192, 3), dtype=np.uint8)  # 3 x 2 grid of 64-px tiles, each a different grey
+    for r in range(2):
+        for c in range(3):
+            image[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64] = 10 * (r * 3 + c + 1)
+    tiles = tile_image(Image.fromarray(image), 64, 6, use_thumbnail=True)
+    assert tiles.shape == (7, 64, 64, 3)
+    assert [int(t[32, 32, 0]) for t in tiles[:6]] == [10, 20, 30, 40, 50, 60]
+    assert num_tiles(192, 128, 64, 6, True) == 7 and num_tiles(64, 64, 64, 6, True) == 1
+    assert len(tile_image(Image.fromarray(image), 64, 6, use_thumbnail=False)) == 6
+
+
+def write_data(tmp_path, records, sizes=((64, 64),)):
+    for k, size in enumerate(sizes):
+        Image.new("RGB", size, (k * 40, 100, 200)).save(tmp_path / f"img{k}.png")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+RECORDS = [
+    {"id": "a", "image": "img0.png", "question": "Q one?", "steps": ["s1", "s2", "s3"], "answer": "7"},
+    {"id": "b", "image": ["img0.png", "img1.png"], "question": "Q two?", "steps": ["t1"], "answer": "x"},
+    {"id": "c", "image": None, "question": "Q three?", "steps": ["u1", "u2"], "answer": "yes"},
+]
+
+
+def make_dataset(tmp_path, tiny_base, for_generation=False, **keys):
+    base, tokenizer = tiny_base
+    config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
+    path = write_data(tmp_path, RECORDS, sizes=((64, 64), (128, 64)))
+    return CoconutDataset(
+        path, tokenizer, config, tile_size(base.config), image_seq_length(base.config), for_generation
+    )
+
+
+@pytest.mark.parametrize(
+    "keys, stage, n_steps, expected",
+    [
+        ({}, 0, 3, (0, 0)),
+        ({}, 1, 3, (1, 2)),
+        ({}, 2, 3, (2, 4)),
+        ({}, 3, 3, (3, 4)),  # past max_latent_stage: all steps go, latents stay at max
+        ({}, 3, 1, (1, 2)),  # few steps: latents capped at the record's steps
+        ({"pad_latent_to_max": True}, 3, 1, (1, 4)),
+        ({"pad_latent_to_max": True}, 2, 1, (1, 4)),
+        ({"no_thoughts": True}, 2, 3, (2, 0)),
+        ({"coconut": False, "cot": True}, 5, 3, (0, 0)),
+        ({"coconut": False, "no_cot": True}, 0, 3, (3, 0)),
+    ],
+)
+def test_stage_plan(keys, stage, n_steps, expected):
+    config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
+    assert stage_plan(stage, n_steps, config) == expected
+
+
+def test_training_sequence_layout_and_labels(tmp_path, tiny_base):
+    _, tokenizer = tiny_base
+    data = make_dataset(tmp_path, tiny_base)
+    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    data.set_epoch(1)  # stage 1: first step -> 2 latents
+    item = data[0]
+    text = tokenizer.decode(item["input_ids"])
+    assert text.startswith("<img>" + "<IMG_CONTEXT>" * 16 + "</img>\nQ one?\n")
+    assert text.endswith("<|start-latent|><|latent|><|latent|><|end-latent|>s2\ns3\n### 7<|im_end|>")
+    labelled = [t for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
+    assert tokenizer.decode(labelled) == "s2\ns3\n### 7<|im_end|>"
+    assert item["labels"][: item["input_ids"].index(end) + 1] == [-100] * (item["input_ids"].index(end) + 1)
+    assert item["pixel_values"].shape == (1, 3, 64, 64)
+    # two images: the wide one is 2 tiles + thumbnail, each block numbered as InternVL writes it
+    two = data[1]
+    assert two["pixel_values"].shape == (4, 3, 64, 64)
+    assert tokenizer.decode(two["input_ids"]).startswith("Image-1: <img>")
+    assert two["input_ids"].count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == 4 * 16
+    assert data[2]["pixel_values"] is None
+
+
+def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
+    _, tokenizer = tiny_base
+    data = make_dataset(tmp_path, tiny_base, for_generation=True)
+    data.set_epoch(2)
+    assert tokenizer.decode(data[0]["input_ids"]).endswith(
+        "Q one?\n<|start-latent|>" + "<|latent|>" * 4 + "<|end-latent|>"
+    )
+    assert "labels" not in data[0]
+    cot = make_dataset(tmp_path, tiny_base, coconut=False, cot=True)
+    cot.set_epoch(3)
+    assert tokenizer.decode(cot[2]["input_ids"]) == "Q three?\nu1\nu2\n### yes<|im_end|>"
+    no_cot = make_dataset(tmp_path, tiny_base, coconut=False, no_cot=True)
+    assert tokenizer.decode(no_cot[2]["input_ids"]) == "Q three?\n### yes<|im_end|>"
+
+
+def test_uniform_prob_is_seeded_and_varies_by_epoch(tmp_path, tiny_base):
+    data = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
+    stages = {}
+    for epoch in range(6):
+        data.set_epoch(epoch)
+        stages[epoch] = [data.item_stage(0) for _ in range(2)]
+        assert stages[epoch][0] == stages[epoch][1]  # same epoch, same draw
+    assert len({s[0] for s in stages.values()}) > 1
+    again = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
+    again.set_epoch(4)
+    assert again.item_stage(0) == stages[4][0]
+
+
+def test_collator_aligns_first_latents_and_batch_runs_through_model(tmp_path, tiny_base):
+    base, tokenizer = tiny_base
+    data = make_dataset(tmp_path, tiny_base)
+    data.set_epoch(1)
+    latent = tokenizer.convert_tokens_to_ids("<|latent|>")
+    batch = collate([data[i] for i in range(3)], tokenizer.pad_token_id, latent)
+    firsts = [row.tolist().index(latent) for row in batch["input_ids"]]
+    assert len(set(firsts)) == 1
+    assert batch["pixel_values"].shape[0] == 1 + 4
+    out = make_coconut(base, tokenizer)(**{k: v for k, v in batch.items() if k != "index"})
+    assert torch.isfinite(out.loss)
+
+    prompts = make_dataset(tmp_path, tiny_base, for_generation=True)
+    batch = collate([prompts[i] for i in range(3)], tokenizer.pad_token_id, latent)
+    assert batch["attention_mask"][:, -1].all() and "labels" not in batch
+
+
+def test_tokenised_once_and_images_decoded_once(tmp_path, tiny_base, monkeypatch):
+    data = make_dataset(tmp_path, tiny_base)
+    calls = []
+    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(a))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            data[i]
+    assert calls == [] and len(opened) == 2  # two distinct image files, each decoded once
+
+
+def test_bad_records_name_the_record(tmp_path, tiny_base):
+    bad = dict(RECORDS[0], steps="not a list")
+    path = write_data(tmp_path, [RECORDS[0], bad])
+    with pytest.raises(UserError, match=r"data.jsonl: record 1 \(id 'a'\): 'steps' must be a list"):
+        load_records(path)
+    missing = dict(RECORDS[0], image="nope.png")
+    with pytest.raises(UserError, match="record 0 .*nope.png not found"):
+        base, tokenizer = tiny_base
+        CoconutDataset(write_data(tmp_path, [missing]), tokenizer, Config(cot=True), 64, 16)
