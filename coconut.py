@@ -52,11 +52,15 @@ class Coconut(nn.Module):
         self.start_latent_id = start_latent_id
         self.end_latent_id = end_latent_id
         self.eos_token_id = eos_token_id
-        self.decoder = base.get_decoder()
         self.has_vision = hasattr(base.config, "vision_config")
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
         params = inspect.signature(self.decoder.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The language model's decoder stack (a property, so its weights are registered once, under `base`)."""
+        return self.base.get_decoder()
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features scattered into the image-context positions, as InternVL does.

@@ -11,6 +11,7 @@ training and evaluation). Tokenisation happens once per record; a stage change o
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
@@ -168,8 +169,15 @@ def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
 
 
 def stage_for_epoch(epoch: int, config: Config) -> int:
-    """The curriculum stage trained in `epoch` (0-based): stage 0 throughout for cot/no_cot."""
-    return epoch // config.epochs_per_stage if config.coconut else 0
+    """The curriculum stage trained in `epoch` (0-based): each stage lasts the epochs_per_stage in force at that
+    stage (stage_overrides may lengthen stage 0, say); stage 0 throughout for cot/no_cot."""
+    if not config.coconut:
+        return 0
+    stage, first_epoch = 0, 0
+    while epoch >= first_epoch + config.for_stage(stage).epochs_per_stage:
+        first_epoch += config.for_stage(stage).epochs_per_stage
+        stage += 1
+    return stage
 
 
 @dataclass
@@ -186,9 +194,8 @@ class TokenizedRecord:
 class CoconutDataset(torch.utils.data.Dataset):
     """Records of one file, tokenised once, served at the stage set by `set_epoch`.
 
-    With `for_generation` an item is the evaluation prompt (up to and including the latents) and the gold
-    answer; otherwise it is the full training sequence with labels (-100 on image, question, markers and
-    latents).
+    An item is the full training sequence with labels (-100 on image, question, markers and latents); the view
+    returned by `prompts()` serves evaluation prompts instead (up to and including the latents).
     """
 
     def __init__(
@@ -198,12 +205,11 @@ class CoconutDataset(torch.utils.data.Dataset):
         config: Config,
         tile: int,
         tokens_per_tile: int,
-        for_generation: bool = False,
     ) -> None:
-        self.path, self.config, self.tile, self.for_generation = path, config, tile, for_generation
+        self.path, self.config, self.tile, self.for_generation = path, config, tile, False
         self.records = load_records(path)
         self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.tokens = [self._tokenize(i, r, tokenizer, tokens_per_tile) for i, r in enumerate(self.records)]
         self.cache: dict[Path, np.ndarray] = {}
         self.cache_bytes = 0
@@ -233,6 +239,12 @@ class CoconutDataset(torch.utils.data.Dataset):
         steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record["steps"]]
         answer = tokenizer.encode(ANSWER_PREFIX + record["answer"], add_special_tokens=False) + [self.eos_id]
         return TokenizedRecord(prompt, steps, answer, paths, counts)
+
+    def prompts(self) -> CoconutDataset:
+        """The same records as evaluation prompts for `generate`; shares tokens, image cache and stage."""
+        view = copy.copy(self)
+        view.for_generation = True
+        return view
 
     def set_epoch(self, epoch: int) -> None:
         """Serve the curriculum stage of `epoch`; with uniform_prob, each item's stage is redrawn per epoch."""

@@ -66,9 +66,22 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 0.01
     reset_optimizer: bool = False
-    # distribution
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to zero at the next optimizer reset or the run's end)
+    max_grad_norm: float = 1.0
+    # evaluation
+    eval_batch_size: int = 32
+    max_new_tokens: int = 64
+    eval_stage: int = -1  # only_eval: stage of the prompts; -1 = the curriculum's last stage
+    # distribution and memory
     use_fsdp: bool = False
     use_ddp: bool = False
+    bf16_weights: bool = False  # keep the parameters themselves in bf16 (default: fp32 master weights)
+    activation_checkpointing: bool = False
+    num_workers: int = 0
+    keep_checkpoints: int = 2
+    report_to: str = "none"  # none | wandb | tensorboard
+    generate_demo_data: bool = False  # write demo_data.py's set into train_path's folder when it is missing
     # {stage: {key: value}}: keys that change from a given curriculum stage on
     stage_overrides: dict = field(default_factory=dict)
 
@@ -202,8 +215,14 @@ def _check_modes(config: Config, where: str) -> None:
         raise UserError(f"{where}: no_thoughts is an ablation of the coconut curriculum; also set coconut: true")
     if config.use_fsdp and config.use_ddp:
         raise UserError(f"{where}: use_fsdp and use_ddp are both true; choose one")
-    if config.resume not in ("none", "auto"):
-        raise UserError(f"{where}: resume must be 'none' or 'auto', got {config.resume!r}")
+    choices = {
+        "resume": ("none", "auto"),
+        "lr_schedule": ("constant", "cosine"),
+        "report_to": ("none", "wandb", "tensorboard"),
+    }
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise UserError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     positive = (
         "c_thought",
         "epochs_per_stage",

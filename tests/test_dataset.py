@@ -10,7 +10,7 @@ import torch
 from conftest import make_coconut
 from PIL import Image
 
-from dataset import CoconutDataset, collate, load_records, num_tiles, stage_plan, tile_grid, tile_image
+from dataset import CoconutDataset, collate, load_records, num_tiles, stage_for_epoch, stage_plan, tile_grid, tile_image
 from internvl import LATENT_TOKENS, image_seq_length, tile_size
 from utils import Config, UserError
 
@@ -51,13 +51,11 @@ RECORDS = [
 ]
 
 
-def make_dataset(tmp_path, tiny_base, for_generation=False, **keys):
+def make_dataset(tmp_path, tiny_base, **keys):
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, RECORDS, sizes=((64, 64), (128, 64)))
-    return CoconutDataset(
-        path, tokenizer, config, tile_size(base.config), image_seq_length(base.config), for_generation
-    )
+    return CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
 
 
 @pytest.mark.parametrize(
@@ -103,7 +101,7 @@ def test_training_sequence_layout_and_labels(tmp_path, tiny_base):
 
 def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
     _, tokenizer = tiny_base
-    data = make_dataset(tmp_path, tiny_base, for_generation=True)
+    data = make_dataset(tmp_path, tiny_base).prompts()
     data.set_epoch(2)
     assert tokenizer.decode(data[0]["input_ids"]).endswith(
         "Q one?\n<|start-latent|>" + "<|latent|>" * 4 + "<|end-latent|>"
@@ -141,7 +139,7 @@ def test_collator_aligns_first_latents_and_batch_runs_through_model(tmp_path, ti
     out = make_coconut(base, tokenizer)(**{k: v for k, v in batch.items() if k != "index"})
     assert torch.isfinite(out.loss)
 
-    prompts = make_dataset(tmp_path, tiny_base, for_generation=True)
+    prompts = make_dataset(tmp_path, tiny_base).prompts()
     batch = collate([prompts[i] for i in range(3)], tokenizer.pad_token_id, latent)
     assert batch["attention_mask"][:, -1].all() and "labels" not in batch
 
@@ -169,3 +167,11 @@ def test_bad_records_name_the_record(tmp_path, tiny_base):
     with pytest.raises(UserError, match="record 0 .*nope.png not found"):
         base, tokenizer = tiny_base
         CoconutDataset(write_data(tmp_path, [missing]), tokenizer, Config(cot=True), 64, 16)
+
+
+def test_stage_for_epoch_with_a_longer_first_stage():
+    # overrides hold from their stage on: stage 0 lasts 3 epochs, later stages 2
+    overrides = {0: {"epochs_per_stage": 3}, 1: {"epochs_per_stage": 2}, 2: {"lr": 0.1}}
+    config = Config(coconut=True, epochs_per_stage=9, stage_overrides=overrides)
+    assert [stage_for_epoch(e, config) for e in range(9)] == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert [stage_for_epoch(e, Config(cot=True)) for e in range(3)] == [0, 0, 0]
