@@ -1,0 +1,286 @@
+"""Load InternVL3 checkpoints into the native `transformers` InternVL classes.
+
+OpenGVLab publishes InternVL3-1B-Pretrained only in its original remote-code layout (`internvl_chat`).
+This module reads that layout without `trust_remote_code`: it builds the equivalent native
+`InternVLConfig`, renames the weights onto `InternVLForConditionalGeneration` and loads them strictly.
+Run as a script it writes a converted copy in the native layout, which later runs load directly.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+from transformers.initialization import no_init_weights
+
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+CHECKPOINT_HINT = "pass a local InternVL3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
+
+_LAYER = r"vision_model\.encoder\.layers\.(\d+)\."
+_NATIVE_LAYER = r"model.vision_tower.encoder.layer.\1."
+# Original name (full match) -> native name; the README's mapping table mirrors this list.
+KEY_RULES: list[tuple[str, str]] = [
+    (r"vision_model\.embeddings\.class_embedding", "model.vision_tower.embeddings.cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
+    (
+        r"vision_model\.embeddings\.patch_embedding\.(weight|bias)",
+        r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
+    ),
+    (_LAYER + r"attn\.proj\.(weight|bias)", _NATIVE_LAYER + r"attention.projection_layer.\2"),
+    (_LAYER + r"attn\.(q_norm|k_norm)\.weight", _NATIVE_LAYER + r"attention.\2.weight"),
+    (_LAYER + r"ls1", _NATIVE_LAYER + "lambda_1"),
+    (_LAYER + r"ls2", _NATIVE_LAYER + "lambda_2"),
+    (_LAYER + r"norm1\.(weight|bias)", _NATIVE_LAYER + r"layernorm_before.\2"),
+    (_LAYER + r"norm2\.(weight|bias)", _NATIVE_LAYER + r"layernorm_after.\2"),
+    (_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)", _NATIVE_LAYER + r"mlp.\2.\3"),
+    (r"mlp1\.0\.(weight|bias)", r"model.multi_modal_projector.layer_norm.\1"),
+    (r"mlp1\.1\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
+    (r"mlp1\.3\.(weight|bias)", r"model.multi_modal_projector.linear_2.\1"),
+    (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+    (r"language_model\.lm_head\.weight", "lm_head.weight"),
+]
+FUSED_QKV = re.compile(_LAYER + r"attn\.qkv\.(weight|bias)")
+ORIGINAL_HEAD = "language_model.lm_head.weight"
+NATIVE_HEAD = "lm_head.weight"
+NATIVE_EMBEDDINGS = "model.language_model.embed_tokens.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded, with a one-line message naming the problem and the fix."""
+
+
+def is_original_layout(folder: str | Path) -> bool:
+    """Tell whether `folder` holds the original remote-code layout rather than the native one.
+
+    The answer comes from `model_type` in the folder's config.json: `internvl_chat` is the original
+    OpenGVLab layout, `internvl` the native `transformers` one; anything else is not an InternVL
+    checkpoint this module can load, so it raises `CheckpointError`.
+    """
+    model_type = _read_config(Path(folder)).get("model_type")
+    if model_type not in ("internvl_chat", "internvl"):
+        raise CheckpointError(f"{folder}: config.json has model_type {model_type!r}; {CHECKPOINT_HINT}")
+    return model_type == "internvl_chat"
+
+
+def native_config_from_original(original: dict, image_token_id: int, separate_head: bool = True) -> InternVLConfig:
+    """Build the native `InternVLConfig` equivalent to an original `internvl_chat` config.json.
+
+    The vision tower comes from `vision_config`, the language model from `llm_config` (a Qwen2 config),
+    and the projector and image-token settings from `downsample_ratio`, the tile size and `select_layer`.
+    The head is tied when the language model config says so or when the checkpoint stores no separate
+    head (`separate_head=False`). Preprocessing fields (`template`, `dynamic_image_size`, `use_thumbnail`,
+    `max_dynamic_patch`, `min_dynamic_patch`) have no place in the native config and are not carried.
+    Settings the native classes cannot reproduce raise `CheckpointError` instead of loading a different model.
+    """
+    vision, llm = original["vision_config"], original["llm_config"]
+    if llm.get("model_type") != "qwen2":
+        raise CheckpointError(f"llm_config model_type {llm.get('model_type')!r} is not supported, only qwen2")
+    if original.get("ps_version", "v2") != "v2":
+        raise CheckpointError(f"ps_version {original['ps_version']!r}: the native pixel shuffle is v2")
+    if vision.get("qk_normalization") and vision["layer_norm_eps"] != 1e-6:
+        raise CheckpointError("qk_normalization with layer_norm_eps != 1e-6: native q/k norms use 1e-6")
+    # Qwen2Config defaulted to untied in the transformers releases these checkpoints were written with.
+    tied = llm.get("tie_word_embeddings", False) or not separate_head
+    tile_size = original.get("force_image_size") or vision["image_size"]
+    # A dtype on the text part alone would build a mixed-precision model; load_internvl picks one for all.
+    text = {k: v for k, v in llm.items() if k not in ("torch_dtype", "dtype", "tie_word_embeddings")}
+    vision_config = InternVLVisionConfig(
+        hidden_size=vision["hidden_size"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        num_attention_heads=vision["num_attention_heads"],
+        intermediate_size=vision["intermediate_size"],
+        hidden_act=vision.get("hidden_act", "gelu"),
+        # The position embeddings are stored for vision_config.image_size; other tile sizes interpolate them.
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        num_channels=vision.get("num_channels", 3),
+        norm_type=vision.get("norm_type", "layer_norm"),
+        layer_norm_eps=vision["layer_norm_eps"],
+        use_qk_norm=vision.get("qk_normalization", False),
+        attention_bias=vision.get("qkv_bias", True),
+        attention_dropout=vision.get("attention_dropout", 0.0),
+        projection_dropout=vision.get("dropout", 0.0),
+    )
+    return InternVLConfig(
+        vision_config=vision_config,
+        text_config=Qwen2Config(**text, tie_word_embeddings=tied),
+        image_token_id=image_token_id,
+        image_seq_length=int((tile_size // vision["patch_size"]) ** 2 * original["downsample_ratio"] ** 2),
+        downsample_ratio=original["downsample_ratio"],
+        vision_feature_layer=original.get("select_layer", -1),
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=tied,
+    )
+
+
+def convert_state_dict(original_sd: dict[str, torch.Tensor], config: InternVLConfig) -> dict[str, torch.Tensor]:
+    """Rename an original InternVL state dict onto `InternVLForConditionalGeneration`.
+
+    Vision and projector names follow `KEY_RULES`, each fused `attn.qkv` is split into q, k and v
+    (stored in that order along the output dimension), and language model weights move under
+    `model.language_model.` and `lm_head.`. With a tied config the result holds the embedding matrix
+    as `lm_head.weight` too, as a native state dict does; a stored head that differs from it is an
+    error, since the original model would have ignored one of the two. Keys matching no rule raise
+    `CheckpointError` listing them: nothing is dropped silently.
+    """
+    converted: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in original_sd.items():
+        if fused := FUSED_QKV.fullmatch(key):
+            layer, kind = fused.groups()
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                converted[f"model.vision_tower.encoder.layer.{layer}.attention.{name}.{kind}"] = part
+            continue
+        native = next((re.sub(p, r, key) for p, r in KEY_RULES if re.fullmatch(p, key)), None)
+        if native is None:
+            unknown.append(key)
+        else:
+            converted[native] = tensor
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise CheckpointError(f"{len(unknown)} original weight(s) have no native counterpart: {shown}")
+    if config.tie_word_embeddings and NATIVE_EMBEDDINGS in converted:
+        embeddings = converted[NATIVE_EMBEDDINGS]
+        if NATIVE_HEAD in converted and not torch.equal(converted[NATIVE_HEAD], embeddings):
+            raise CheckpointError(
+                f"tie_word_embeddings is true but {ORIGINAL_HEAD} differs from the embeddings; "
+                "set llm_config.tie_word_embeddings to false to keep the separate head"
+            )
+        converted[NATIVE_HEAD] = embeddings
+    return converted
+
+
+def pick_attn_implementation(requested: str | None) -> str:
+    """Choose the attention kernel: an explicit `requested` value wins, otherwise the fastest available.
+
+    That is `flash_attention_2` when CUDA is available and the `flash_attn` package imports, and
+    PyTorch's `sdpa` everywhere else (CPU runs, GPUs without flash-attn).
+    """
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def load_internvl(
+    folder: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> InternVLForConditionalGeneration:
+    """Load an InternVL3 checkpoint from a local folder, in either layout, as the native model.
+
+    A native folder goes through `from_pretrained`; an original one is converted in memory: the image
+    token id comes from the folder's tokenizer (`<IMG_CONTEXT>`), the weights from `model.safetensors`
+    or the shards its index names, and every native parameter must be filled. `dtype=None` keeps the
+    stored dtype; the attention kernel follows `pick_attn_implementation`. Nothing is downloaded and no
+    remote code runs; problems with the folder raise `CheckpointError`. The model is returned in eval mode.
+    """
+    path = Path(folder)
+    attn_implementation = pick_attn_implementation(attn_implementation)
+    if not is_original_layout(path):
+        return InternVLForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+        )
+    weight_files = _weight_files(path)
+    image_token_id = _original_tokenizer(path).convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    original_sd: dict[str, torch.Tensor] = {}
+    for file in weight_files:
+        original_sd.update(load_file(file))
+    config = native_config_from_original(_read_config(path), image_token_id, separate_head=ORIGINAL_HEAD in original_sd)
+    converted = convert_state_dict(original_sd, config)
+    # Random initialisation of a 1B model is wasted work: every parameter is overwritten below.
+    with no_init_weights():
+        model = AutoModelForImageTextToText.from_config(
+            config,
+            dtype=dtype or next(iter(converted.values())).dtype,
+            attn_implementation=attn_implementation,
+        )
+    loaded = model.load_state_dict(converted, strict=False)
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise CheckpointError(
+            f"{folder}: converted weights do not fit the model built from its config.json; "
+            f"missing {sorted(loaded.missing_keys)}, unexpected {sorted(loaded.unexpected_keys)}"
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; {CHECKPOINT_HINT}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no config.json, so this is not a checkpoint; {CHECKPOINT_HINT}")
+    return json.loads(config_file.read_text())
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; {CHECKPOINT_HINT}")
+
+
+def _original_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        raise CheckpointError(
+            f"{folder}: no tokenizer (tokenizer_config.json or tokenizer.json), needed for the "
+            f"{IMAGE_CONTEXT_TOKEN} id; copy the tokenizer files of the original checkpoint into it"
+        )
+    # AutoTokenizer cannot read the remote-code config.json; the language model type it looks for is qwen2.
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=Qwen2Config(), local_files_only=True)
+    if IMAGE_CONTEXT_TOKEN not in tokenizer.get_vocab():
+        raise CheckpointError(f"{folder}: the tokenizer has no {IMAGE_CONTEXT_TOKEN} token")
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Convert an original-layout InternVL3 folder into a native-layout copy (`python convert.py SRC DST`).
+
+    The copy holds the native config and safetensors weights from `save_pretrained` plus the tokenizer,
+    so `load_internvl(DST)` (or `from_pretrained`) reads it without converting again. Problems are
+    reported as a single `error:` line and a non-zero exit status.
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("src", help="folder with the original (internvl_chat) checkpoint")
+    parser.add_argument("dst", help="new folder for the native (internvl) copy")
+    args = parser.parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
+    try:
+        if not is_original_layout(src):
+            raise CheckpointError(f"{src}: already in the native layout; load it directly")
+        if dst.exists() and any(dst.iterdir()):
+            raise CheckpointError(f"{dst}: exists and is not empty; choose a new folder")
+        model = load_internvl(str(src))
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    model.save_pretrained(dst)
+    _original_tokenizer(src).save_pretrained(dst)
+    config = model.config
+    print(
+        f"converted {src} (internvl_chat) -> {dst} (internvl, InternVLForConditionalGeneration): "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters in {model.dtype}, "
+        f"{'tied' if config.tie_word_embeddings else 'separate'} lm_head, image_token_id {config.image_token_id}, "
+        f"{config.image_seq_length} tokens per tile; tokenizer copied"
+    )
+
+
+if __name__ == "__main__":
+    main()
