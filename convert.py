@@ -24,6 +24,8 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
+from utils import UserError
+
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 CHECKPOINT_HINT = "pass a local InternVL3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
 
@@ -56,7 +58,7 @@ NATIVE_HEAD = "lm_head.weight"
 NATIVE_EMBEDDINGS = "model.language_model.embed_tokens.weight"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded, with a one-line message naming the problem and the fix."""
 
 
@@ -197,7 +199,7 @@ def load_internvl(
             path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
         )
     weight_files = _weight_files(path)
-    image_token_id = _original_tokenizer(path).convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    image_token_id = load_tokenizer(path).convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
     original_sd: dict[str, torch.Tensor] = {}
     for file in weight_files:
         original_sd.update(load_file(file))
@@ -238,7 +240,9 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; {CHECKPOINT_HINT}")
 
 
-def _original_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The checkpoint folder's tokenizer (either layout), checked to hold InternVL's image-context token."""
+    folder = Path(folder)
     if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
         raise CheckpointError(
             f"{folder}: no tokenizer (tokenizer_config.json or tokenizer.json), needed for the "
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
     model.save_pretrained(dst)
-    _original_tokenizer(src).save_pretrained(dst)
+    load_tokenizer(src).save_pretrained(dst)
     config = model.config
     print(
         f"converted {src} (internvl_chat) -> {dst} (internvl, InternVLForConditionalGeneration): "

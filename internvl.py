@@ -13,7 +13,6 @@ import os
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    AutoTokenizer,
     InternVLConfig,
     InternVLForConditionalGeneration,
     PreTrainedTokenizerBase,
@@ -22,6 +21,7 @@ from transformers import (
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
+from convert import load_internvl, load_tokenizer, pick_attn_implementation
 from utils import UserError
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
@@ -118,23 +118,27 @@ def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
 
 
 def load_base(
-    model_id: str, latent_init: str = "mean"
+    model_id: str,
+    latent_init: str = "mean",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
 ) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Return the base InternVL model and its tokenizer, latent tokens included.
+    """Return the base InternVL model (in `dtype`) and its tokenizer, latent tokens included.
 
     `model_id` is "tiny" (random, offline), a local folder in the native or the original InternVL layout, or a
-    hub id (downloaded once, then read from the local cache).
+    hub id (downloaded once, then read from the local cache). `attn_implementation` None picks flash-attention 2
+    when it is installed on CUDA, else sdpa.
     """
     if model_id == "tiny":
         tokenizer = build_tiny_tokenizer()
         config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-        model = InternVLForConditionalGeneration(config)
+        model = InternVLForConditionalGeneration._from_config(
+            config, attn_implementation=pick_attn_implementation(attn_implementation)
+        ).to(dtype)
     else:
-        from convert import load_internvl
-
         folder = model_id if os.path.isdir(model_id) else _download(model_id)
-        model = load_internvl(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = load_internvl(folder, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = load_tokenizer(folder)
     add_latent_tokens(model, tokenizer, latent_init)
     return model, tokenizer
 

@@ -41,6 +41,7 @@ class Config:
     load_model_path: str = "none"
     latent_init: str = "mean"  # new token rows: "mean" of all rows, or the text of an existing token
     bf16: bool = False
+    attn_implementation: str = ""  # empty: flash_attention_2 when installed on CUDA, else sdpa
     # data
     train_path: str = ""
     val_path: str = ""

@@ -1,0 +1,76 @@
+"""A synthetic visual multi-step reasoning set that a tiny model can learn on a CPU, and that needs its steps.
+
+Each 64-px image is a 4 x 4 grid of coloured cells, one 16-px cell per vision token of the tiny model. Every
+colour is an arrow: red moves right, blue down, green left, yellow up (wrapping around the edges). The question
+gives a start cell; the answer is the colour of the cell reached after three moves. Each step is the colour
+read at the current cell and the cell it leads to ("red 1,3"), so one step is one look at the image, while a
+direct answer has to chain four looks inside the network.
+
+    python demo_data.py data/demo            # writes train/val/test .jsonl and images/, seeded
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 40)}
+MOVES = {"red": (0, 1), "blue": (1, 0), "green": (0, -1), "yellow": (-1, 0)}
+GRID, CELL, HOPS = 4, 16, 3
+SPLITS = {"train": 8000, "val": 256, "test": 512}
+
+
+def make_example(rng: random.Random) -> tuple[list[list[str]], dict]:
+    """One random grid and its record (without id and image path)."""
+    grid = [[rng.choice(list(COLOURS)) for _ in range(GRID)] for _ in range(GRID)]
+    r, c = rng.randrange(GRID), rng.randrange(GRID)
+    question = f"start {r},{c}; {HOPS} moves"
+    steps = []
+    for _ in range(HOPS):
+        colour = grid[r][c]
+        dr, dc = MOVES[colour]
+        r, c = (r + dr) % GRID, (c + dc) % GRID
+        steps.append(f"{colour} {r},{c}")
+    return grid, {"question": question, "steps": steps, "answer": grid[r][c]}
+
+
+def draw(grid: list[list[str]]) -> Image.Image:
+    """The grid as a 64 x 64 RGB image."""
+    image = Image.new("RGB", (GRID * CELL, GRID * CELL))
+    pen = ImageDraw.Draw(image)
+    for r, row in enumerate(grid):
+        for c, colour in enumerate(row):
+            pen.rectangle([c * CELL, r * CELL, (c + 1) * CELL - 1, (r + 1) * CELL - 1], fill=COLOURS[colour])
+    return image
+
+
+def generate(folder: str, seed: int = 0, sizes: dict[str, int] = SPLITS) -> None:
+    """Write `<folder>/{train,val,test}.jsonl` and their images; the same seed always gives the same files."""
+    root = Path(folder)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, count in sizes.items():
+        lines = []
+        for k in range(count):
+            grid, record = make_example(rng)
+            name = f"images/{split}-{k:05d}.png"
+            draw(grid).save(root / name)
+            lines.append(json.dumps({"id": f"{split}-{k:05d}", "image": name, **record}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    generate(args.folder, args.seed)
+    print(f"wrote {', '.join(f'{n} {s}' for s, n in SPLITS.items())} records to {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

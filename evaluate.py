@@ -1,0 +1,144 @@
+"""Evaluation on every rank: validation loss and generation accuracy, each example counted exactly once.
+
+Each rank takes every world_size-th example; the shorter shards are topped up with repeats that are run (so
+every rank makes the same number of `generate` calls, as FSDP needs) but not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dataset import CoconutDataset, collate
+from scoring import extract_answer, is_correct
+from utils import is_distributed
+
+
+def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
+    """(index, counted) pairs for this rank: indices rank, rank+world, ..., padded with uncounted repeats so
+    that every rank gets ceil(n / world) items."""
+    per_rank = -(-n // world)
+    mine = list(range(rank, n, world))
+    return [(i, True) for i in mine] + [(i % n, False) for i in range(per_rank - len(mine))]
+
+
+def _batches(data: CoconutDataset, batch_size: int, rank: int, world: int):
+    """Collated batches of this rank's shard, each with its `counted` flags."""
+    items = shard(len(data), rank, world)
+    pad_id, latent_id = data.pad_id, data.latent_id
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = collate([data[i] for i, _ in chunk], pad_id, latent_id)
+        batch["counted"] = torch.tensor([c for _, c in chunk])
+        yield batch
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def _all_gather(rows: list) -> list:
+    """Concatenate every rank's list (in rank order)."""
+    if not is_distributed():
+        return rows
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, rows)
+    return [row for part in out for row in part]
+
+
+@torch.no_grad()
+def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.device, autocast=nullcontext) -> float:
+    """Mean per-example loss over `data` (training sequences at its current stage), across all ranks."""
+    rank, world = _rank_world()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in _batches(data, batch_size, rank, world):
+        counted = batch.pop("counted").to(device)
+        batch.pop("index")
+        batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+        with autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        # per-example losses, so that uncounted repeats can be left out
+        labels = batch["labels"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
+        )
+        per_example = token_loss.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        total += torch.stack([(per_example * counted).sum(), counted.sum()]).double()
+    if is_distributed():
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+@torch.no_grad()
+def generate_and_score(
+    model,
+    data: CoconutDataset,
+    tokenizer,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+    autocast=nullcontext,
+    blank_images: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """Greedy answers for every prompt of `data` (a `for_generation` dataset), scored against the records.
+
+    Returns one row per example on every rank: index, id, prediction, answer, correct, generated tokens (up to
+    and including EOS) and the per-example share of its batch's latency. `blank_images` replaces every tile with
+    zeros, to measure how much the answers depend on the image.
+    """
+    rank, world = _rank_world()
+    generate = model.module.generate if hasattr(model, "module") else model.generate
+    rows = []
+    batches = _batches(data, batch_size, rank, world)
+    total = -(-len(shard(len(data), rank, world)) // batch_size)
+    for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
+        pixel_values = batch["pixel_values"]
+        if pixel_values is not None:
+            pixel_values = (torch.zeros_like(pixel_values) if blank_images else pixel_values).to(device)
+        start = time.perf_counter()
+        with autocast():
+            out = generate(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                pixel_values=pixel_values,
+                max_new_tokens=max_new_tokens,
+            )
+        latency = (time.perf_counter() - start) / len(out)
+        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        for index, counted, tokens in zip(batch["index"].tolist(), batch["counted"].tolist(), new):
+            if not counted:
+                continue
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+            record = data.records[index]
+            prediction = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+            rows.append(
+                {
+                    "index": index,
+                    "id": record.get("id", index),
+                    "prediction": prediction,
+                    "answer": record["answer"],
+                    "correct": is_correct(prediction, record["answer"], record.get("choices")),
+                    "gen_tokens": len(tokens),
+                    "latency_s": latency,
+                    "meta": record.get("meta", {}),
+                }
+            )
+    return sorted(_all_gather(rows), key=lambda row: row["index"])
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Accuracy, mean generated tokens and mean latency per example of `generate_and_score` rows."""
+    n = max(len(rows), 1)
+    return {
+        "accuracy": sum(r["correct"] for r in rows) / n,
+        "gen_tokens": sum(r["gen_tokens"] for r in rows) / n,
+        "latency_s": sum(r["latency_s"] for r in rows) / n,
+        "n": len(rows),
+    }

@@ -1,0 +1,123 @@
+"""run.py end to end on the tiny model: the curriculum, metrics, export, resume, and DDP/FSDP2 under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+import demo_data
+from internvl import LATENT_TOKENS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    demo_data.generate(str(folder), seed=1, sizes={"train": 32, "val": 8})
+    return folder
+
+
+def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int = 0, wait: bool = True):
+    """Start run.py on args/demo.yaml with a small, fast setting; torchrun when nproc > 0."""
+    settings = [
+        f"train_path={data}/train.jsonl",
+        f"val_path={data}/val.jsonl",
+        f"save_path={folder}",
+        "generate_demo_data=false",
+        "batch_size_training=8",
+        "eval_batch_size=8",
+        "max_new_tokens=8",
+        "max_latent_stage=2",
+        "stage_overrides={}",
+        "epochs_per_stage=1",
+        "num_epochs=3",
+        "warmup_steps=0",
+        *overrides,
+    ]
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_port", "0"]
+    cmd = launcher + [str(ROOT / "run.py"), "args/demo.yaml", *settings, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_curriculum_metrics_and_export(tmp_path, data_dir):
+    run(["name=e2e"], tmp_path, data_dir)
+    out = tmp_path / "e2e"
+    lines = metrics(out)
+    assert [m["stage"] for m in lines] == [0, 1, 2] and [m["epoch"] for m in lines] == [0, 1, 2]
+    for m in lines:
+        assert {"train_loss", "val_loss", "val_accuracy", "gen_tokens", "samples_per_s"} <= set(m)
+        assert 0 <= m["val_accuracy"] <= 1 and 0 < m["gen_tokens"] <= 8 and m["train_loss"] > 0
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert (out / "metrics.png").stat().st_size > 0
+    assert sorted(p.name for p in out.glob("stage_*")) == ["stage_0", "stage_1", "stage_2"]
+    assert [p.name for p in out.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]  # keep_checkpoints: 1
+
+    model = InternVLForConditionalGeneration.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    assert ids == [len(tokenizer) - 3, len(tokenizer) - 2, len(tokenizer) - 1]
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    state = torch.load(out / "checkpoint_2.pt", weights_only=False)["model"]
+    exported = model.state_dict()
+    for name, value in state.items():
+        torch.testing.assert_close(exported[name.removeprefix("base.")], value, rtol=0, atol=0)
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_dir):
+    run(["name=straight"], tmp_path, data_dir)
+    proc = run(["name=killed"], tmp_path, data_dir, wait=False)
+    first = tmp_path / "killed" / "checkpoint_0.pt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "no checkpoint was written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = run(["name=killed", "resume=auto"], tmp_path, data_dir)
+    assert "resumed from" in resumed.stdout
+
+    straight, killed = weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final")
+    assert all(torch.equal(straight[k], killed[k]) for k in straight)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "samples_per_s"} for m in ms]  # noqa: E731
+    assert strip(metrics(tmp_path / "killed")) == strip(metrics(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("mode", ["use_ddp=true", "use_fsdp=true"])
+def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
+    common = ["num_epochs=2", "lr=3e-3"]
+    run(["name=single", *common], tmp_path, data_dir)
+    run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data_dir, nproc=2)
+    single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
+    for a, b in zip(single, multi):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=2e-2)
+    one, two = weights(tmp_path / "single" / "final"), weights(tmp_path / "multi" / "final")
+    moved = max((one[k] - two[k]).abs().max() / one[k].abs().max() for k in one)
+    assert moved < 2e-2
