@@ -8,6 +8,7 @@ renamed, so a reader never sees a half-written file. Under FSDP2 the state is ga
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -16,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from utils import is_distributed
 
@@ -124,8 +130,9 @@ def load_model_weights(path: str, model: torch.nn.Module) -> None:
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
 
 
-def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """Write the base model with `save_pretrained` and the tokenizer (latent tokens included) to `folder`.
+def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, folder: Path, run: dict) -> None:
+    """Write the base model with `save_pretrained`, the tokenizer (latent tokens included) and `run` (the
+    training config and the stage the model was trained to) as coconut.json to `folder`.
 
     Collective under FSDP2 (the weights are gathered first); rank 0 writes.
     """
@@ -136,3 +143,4 @@ def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, 
     base_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     base.save_pretrained(folder, state_dict=base_state)
     tokenizer.save_pretrained(folder)
+    (folder / "coconut.json").write_text(json.dumps(run, indent=2))

@@ -11,6 +11,7 @@ model of each stage and of the run is exported with `save_pretrained` (stage_<k>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -72,7 +73,8 @@ def parallelize(model: Coconut, config: Config, device: torch.device) -> torch.n
         # checkpointed layer would write it again when it is recomputed in backward
         model.base.model.vision_tower.gradient_checkpointing_enable()
     if config.use_ddp:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if config.use_fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -84,6 +86,19 @@ def parallelize(model: Coconut, config: Config, device: torch.device) -> torch.n
         fully_shard(model, **kwargs)
         register_fsdp_forward_method(model, "generate")
     return model
+
+
+def autocast_context(config: Config, device: torch.device):
+    """bf16 autocast when `bf16` is set, except under FSDP2, whose mixed-precision policy casts instead."""
+    if config.bf16 and not config.use_fsdp:
+        return partial(torch.autocast, device.type, torch.bfloat16)
+    return nullcontext
+
+
+def open_dataset(path: str, tokenizer, config: Config, model: Coconut) -> CoconutDataset:
+    """A data file tokenised and tiled for `model`'s tile size and tokens per tile."""
+    base_config = model.base.config
+    return CoconutDataset(path, tokenizer, config, tile_size(base_config), image_seq_length(base_config))
 
 
 def lr_factor(step: int, total: int, config: Config) -> float:
@@ -144,13 +159,12 @@ def train(config: Config, info: DistInfo, device: torch.device) -> None:
     folder = Path(config.save_path) / config.name
     folder.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_model(config)
-    tile, per_tile = tile_size(model.base.config), image_seq_length(model.base.config)
-    train_data = CoconutDataset(config.train_path, tokenizer, config, tile, per_tile)
-    val_data = CoconutDataset(config.val_path, tokenizer, config, tile, per_tile)
+    train_data = open_dataset(config.train_path, tokenizer, config, model)
+    val_data = open_dataset(config.val_path, tokenizer, config, model)
     val_prompts = val_data.prompts()
     base = model.base
     model = parallelize(model, config, device)
-    autocast = partial(torch.autocast, device.type, torch.bfloat16) if config.bf16 and not config.use_fsdp else nullcontext
+    autocast = autocast_context(config, device)
     optimizer = make_optimizer(model, config)
     logger = Logger(folder, config, info.is_main)
     state = {"step": 0, "best": -1.0}
@@ -173,10 +187,18 @@ def train(config: Config, info: DistInfo, device: torch.device) -> None:
             state["step"] = 0
         for dataset in (train_data, val_data, val_prompts):
             dataset.set_epoch(epoch)
-        train_loss, samples_per_s = train_epoch(model, optimizer, train_data, stage_config, state, info, device, autocast, epoch)
+        train_loss, samples_per_s = train_epoch(
+            model, optimizer, train_data, stage_config, state, info, device, autocast, epoch
+        )
         val_loss = validation_loss(model, val_data, config.eval_batch_size, device, autocast)
         rows = generate_and_score(
-            model, val_prompts, tokenizer, config.eval_batch_size, config.max_new_tokens, device, autocast,
+            model,
+            val_prompts,
+            tokenizer,
+            config.eval_batch_size,
+            config.max_new_tokens,
+            device,
+            autocast,
             progress=info.is_main,
         )
         result = summarize(rows)
@@ -200,8 +222,11 @@ def train(config: Config, info: DistInfo, device: torch.device) -> None:
             checkpoint.prune_checkpoints(folder, config.keep_checkpoints)
         last_of_stage = epoch == config.num_epochs - 1 or stage_for_epoch(epoch + 1, config) != stage
         if last_of_stage:
-            checkpoint.export_pretrained(model, base, tokenizer, folder / f"stage_{stage}")
-    checkpoint.export_pretrained(model, base, tokenizer, folder / "final")
+            run_info = {"config": dataclasses.asdict(config), "stage": stage}
+            checkpoint.export_pretrained(model, base, tokenizer, folder / f"stage_{stage}", run_info)
+    final_stage = stage_for_epoch(config.num_epochs - 1, config)
+    run_info = {"config": dataclasses.asdict(config), "stage": final_stage}
+    checkpoint.export_pretrained(model, base, tokenizer, folder / "final", run_info)
     if info.is_main and logger.path.exists():
         print(report.stage_table(logger.path))
         print(f"plot: {report.plot_metrics(logger.path, folder / 'metrics.png')}")
@@ -272,13 +297,20 @@ def evaluate_only(config: Config, info: DistInfo, device: torch.device) -> None:
         raise UserError("config: only_eval needs load_model_path (a checkpoint file or an exported folder)")
     model, tokenizer = build_model(config)
     stage = config.eval_stage if config.eval_stage >= 0 else stage_for_epoch(config.num_epochs - 1, config)
-    data = CoconutDataset(config.val_path, tokenizer, config, tile_size(model.base.config), image_seq_length(model.base.config))
+    data = open_dataset(config.val_path, tokenizer, config, model)
     data.stage = stage
     model = parallelize(model, config, device)
     model.eval()
-    autocast = partial(torch.autocast, device.type, torch.bfloat16) if config.bf16 and not config.use_fsdp else nullcontext
+    autocast = autocast_context(config, device)
     rows = generate_and_score(
-        model, data.prompts(), tokenizer, config.eval_batch_size, config.max_new_tokens, device, autocast, progress=info.is_main
+        model,
+        data.prompts(),
+        tokenizer,
+        config.eval_batch_size,
+        config.max_new_tokens,
+        device,
+        autocast,
+        progress=info.is_main,
     )
     result = summarize(rows) | {"stage": stage, "val_path": config.val_path}
     if info.is_main:
