@@ -1,17 +1,22 @@
-"""Training checkpoints (atomic, resumable) and the final `save_pretrained` export.
+"""Training checkpoints (atomic, checksummed, resumable) and the final `save_pretrained` export.
 
-A checkpoint is one file `<save_path>/<name>/checkpoint_<epoch>.pt` holding the full (gathered) model and
-optimizer state, the schedule's step, every rank's RNG states and the epoch. It is written to a temporary name and
-renamed, so a reader never sees a half-written file. Under FSDP2 the state is gathered to rank 0 with
-`torch.distributed.checkpoint.state_dict` and written by rank 0 alone; every rank reads it back on resume.
+A checkpoint is one file in `<save_path>/<name>/`: `checkpoint_<N>.pt` after epoch N, or
+`checkpoint_<N>_micro<M>.pt` when a stop signal ended epoch N after M micro-batches. It holds the full (gathered)
+model and optimizer state, every rank's progress (epoch, micro-batch, schedule step, losses so far) and RNG states.
+It is written to a temporary name, flushed and renamed, then a `.sha256` file is written beside it the same way:
+a checkpoint without a matching checksum (a crash mid-write, a truncated copy) is skipped with a message and the
+next older one is used. Under FSDP2 the state is gathered to rank 0, which writes; every rank reads it back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from utils import is_distributed
+from utils import UserError, is_distributed
 
-_NAME = re.compile(r"checkpoint_(\d+)\.pt$")
+_NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
 
 
 def rng_state() -> dict:
@@ -46,6 +51,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
 def _gather(obj: object) -> list:
     """Every rank's `obj`, in rank order (a one-element list outside a multi-rank job)."""
     if not is_distributed():
@@ -55,62 +64,99 @@ def _gather(obj: object) -> list:
     return out
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU, gathered to rank 0 under FSDP2 (other ranks get an empty dict).
+def _position(path: Path) -> tuple[int, int] | None:
+    """(epoch to continue, micro-batch to continue from) encoded in a checkpoint's file name."""
+    match = _NAME.search(path.name)
+    if not match:
+        return None
+    epoch, micro = int(match.group(1)), match.group(2)
+    return (epoch + 1, 0) if micro is None else (epoch, int(micro))
 
-    Collective: every rank must call it.
+
+def checkpoint_path(folder: Path, epoch: int, micro: int) -> Path:
+    """The file name for a run that will continue at (`epoch`, `micro`)."""
+    return folder / (f"checkpoint_{epoch - 1}.pt" if micro == 0 else f"checkpoint_{epoch}_micro{micro}.pt")
+
+
+def save_checkpoint(folder: Path, progress, model, optimizer) -> Path:
+    """Write a checkpoint of `progress` (a trainer.Progress), model and optimizer; collective, rank 0 writes.
+
+    A failed write (disk full) removes its temporary file, leaves the older checkpoints as they were and stops
+    with one line.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, _ = get_state_dict(model, [], options=options)
-    return model_state
-
-
-def save_checkpoint(folder: Path, epoch: int, model, optimizer, extra: dict) -> Path | None:
-    """Write `checkpoint_<epoch>.pt` atomically (collective; rank 0 writes). Returns the path on rank 0."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, [optimizer], options=options)
-    rngs = _gather(rng_state())
-    path = folder / f"checkpoint_{epoch}.pt"
-    if is_distributed() and dist.get_rank() != 0:
-        return None
-    state = {
-        "epoch": epoch,
-        "model": model_state,
-        "optimizer": optim_state,
-        "rng": rngs,
-        **extra,
-    }
-    atomic_save(state, path)
+    progresses, rngs = _gather(dataclasses.asdict(progress)), _gather(rng_state())
+    path = checkpoint_path(folder, progress.epoch, progress.micro)
+    if _rank() == 0:
+        state = {"model": model_state, "optimizer": optim_state, "progress": progresses, "rng": rngs}
+        digest = atomic_save(state, path)
+        atomic_write_text(path.with_suffix(".sha256"), digest)
     return path
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """`torch.save` to a temporary file in the same folder, flush it to disk, then rename over `path`."""
+def atomic_save(obj: object, path: Path) -> str:
+    """`torch.save` to a temporary file in the same folder, flush it to disk, rename it over `path`; return its
+    sha256. On failure the temporary file is removed and a UserError names the cause."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"{path}: could not write the checkpoint ({err.strerror}); free disk space and resume"
+        ) from None
+    return digest
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that it appears whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files in `folder`, oldest first."""
+    found = [(pos, p) for p in folder.glob("checkpoint_*.pt") if (pos := _position(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint with the highest epoch in `folder`, or None."""
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _NAME.search(p.name))]
-    return max(found)[1] if found else None
+    """The newest checkpoint whose checksum matches; newer ones that do not are skipped with a message."""
+    for path in reversed(_checkpoints(folder)):
+        expected = path.with_suffix(".sha256")
+        if expected.is_file() and expected.read_text().strip() == _sha256(path):
+            return path
+        if _rank() == 0:
+            print(f"ignoring {path}: incomplete or corrupt (no matching {expected.name})", file=sys.stderr)
+    return None
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (rank 0 only; the others return at once)."""
-    if is_distributed() and dist.get_rank() != 0:
+    if _rank() != 0:
         return
-    found = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _NAME.search(p.name)))
-    for _, path in found[:-keep]:
+    for path in _checkpoints(folder)[:-keep]:
+        path.with_suffix(".sha256").unlink(missing_ok=True)
         path.unlink()
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG state from `path`; return the whole checkpoint."""
+    """Restore model, optimizer and this rank's RNG state from `path`; return this rank's progress dict."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     set_state_dict(
         model,
@@ -119,9 +165,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )
-    rank = dist.get_rank() if is_distributed() else 0
-    set_rng_state(state["rng"][rank])
-    return state
+    set_rng_state(state["rng"][_rank()])
+    return state["progress"][_rank()]
 
 
 def load_model_weights(path: str, model: torch.nn.Module) -> None:
@@ -136,11 +181,11 @@ def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, 
 
     Collective under FSDP2 (the weights are gathered first); rank 0 writes.
     """
-    state = full_model_state(model)
-    if is_distributed() and dist.get_rank() != 0:
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state, _ = get_state_dict(model, [], options=options)
+    if _rank() != 0:
         return
     prefix = "base."
-    base_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    base.save_pretrained(folder, state_dict=base_state)
+    base.save_pretrained(folder, state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     tokenizer.save_pretrained(folder)
     (folder / "coconut.json").write_text(json.dumps(run, indent=2))

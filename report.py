@@ -1,6 +1,6 @@
 """Human-readable views of a run's metrics.jsonl: one line per epoch, a table per stage, a PNG plot.
 
-    python report.py checkpoints/demo/metrics.jsonl      # prints the stage table and writes metrics.png beside it
+python report.py checkpoints/demo/metrics.jsonl      # prints the stage table and writes metrics.png beside it
 """
 
 from __future__ import annotations
@@ -8,6 +8,46 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from utils import UserError
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0, plus wandb or TensorBoard when `report_to` asks for one (imported only then)."""
+
+    def __init__(self, folder: Path, config, enabled: bool) -> None:
+        self.path, self.enabled, self.backend = Path(folder) / "metrics.jsonl", enabled, None
+        if not enabled or config.report_to == "none":
+            return
+        try:
+            if config.report_to == "wandb":
+                import wandb
+
+                self.backend = wandb.init(project="multimodal-coconut", name=config.name, config=vars(config))
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.backend = SummaryWriter(str(Path(folder) / "tensorboard"))
+        except ImportError:
+            raise UserError(f"config: report_to {config.report_to} needs `pip install {config.report_to}`") from None
+
+    def drop_from(self, epoch: int) -> None:
+        """Forget the lines of `epoch` and later (a resumed run redoes them)."""
+        if self.enabled and self.path.exists():
+            kept = [m for m in read_metrics(self.path) if m["epoch"] < epoch]
+            self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+    def log(self, metrics: dict) -> None:
+        """Append one epoch's metrics (and send them to the configured tracker)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.backend is not None and hasattr(self.backend, "log"):
+            self.backend.log(metrics, step=metrics["epoch"])
+        elif self.backend is not None:
+            for key, value in metrics.items():
+                self.backend.add_scalar(key, value, metrics["epoch"])
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -62,6 +102,45 @@ def plot_metrics(path: Path, out: Path) -> Path:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle=":")
             acc_ax.text(cur["epoch"] - 0.4, 0.02, f"stage {cur['stage']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def method_table(rows: list[dict]) -> str:
+    """The comparison of methods (rows of `infer.compare`) as a Markdown table: accuracy, mean generated tokens
+    and mean latency per example."""
+    body = [
+        [
+            r["method"],
+            r["mode"] + (f", stage {r['stage']}" if r["mode"] == "coconut" else ""),
+            f"{r['accuracy']:.3f}",
+            f"{r['gen_tokens']:.1f}",
+            f"{r['latency_ms']:.1f}",
+        ]
+        for r in rows
+    ]
+    return format_table(["method", "mode", "accuracy", "mean generated tokens", "mean latency (ms/example)"], body)
+
+
+def plot_methods(rows: list[dict], out: Path) -> Path:
+    """Accuracy and mean generated tokens per method (rows of `infer.compare`) as two bar charts in a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    fig, (acc_ax, tok_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = ((acc_ax, "accuracy", "accuracy", "{:.2f}"), (tok_ax, "gen_tokens", "mean generated tokens", "{:.1f}"))
+    for ax, key, title, fmt in panels:
+        values = [r[key] for r in rows]
+        bars = ax.bar(names, values)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+        ax.set(title=title)
+        ax.tick_params(axis="x", labelrotation=20)
+    acc_ax.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

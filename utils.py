@@ -77,10 +77,12 @@ class Config:
     # distribution and memory
     use_fsdp: bool = False
     use_ddp: bool = False
+    dist_timeout_s: int = 600  # a collective waiting longer (a rank died) fails instead of hanging
     bf16_weights: bool = False  # keep the parameters themselves in bf16 (default: fp32 master weights)
     activation_checkpointing: bool = False
     num_workers: int = 0
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with non-finite gradients
     report_to: str = "none"  # none | wandb | tensorboard
     generate_demo_data: bool = False  # write demo_data.py's set into train_path's folder when it is missing
     # {stage: {key: value}}: keys that change from a given curriculum stage on

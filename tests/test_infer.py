@@ -1,0 +1,137 @@
+"""infer.py on tiny exported models: one question, a records file, thought probing, the comparison and its errors.
+
+Predictions are checked against `evaluate.generate_and_score` on a model loaded without infer.py, and every probed
+thought against a naive reference that fills the latents one at a time by rerunning the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import make_coconut
+
+import demo_data
+import infer
+from checkpoint import export_pretrained
+from dataset import CoconutDataset
+from evaluate import generate_and_score
+from internvl import image_seq_length, load_base, tile_size
+from utils import Config
+
+SETTINGS = {"max_new_tokens": 8, "max_num_tiles": 1, "eval_batch_size": 4}
+COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Two exported random tiny models (coconut at stage 2, cot), a folder without weights and six demo records."""
+    root = tmp_path_factory.mktemp("infer")
+    demo_data.generate(str(root / "data"), sizes={"test": 6})
+    for name, config, stage in (("coconut", COCONUT, 2), ("cot", Config(cot=True, **SETTINGS), 0)):
+        torch.manual_seed(0)
+        base, tokenizer = load_base("tiny")
+        run = {"config": dataclasses.asdict(config), "stage": stage}
+        export_pretrained(make_coconut(base, tokenizer), base, tokenizer, root / name, run)
+    (root / "no_weights").mkdir()
+    (root / "no_weights" / "coconut.json").write_text((root / "coconut" / "coconut.json").read_text())
+    return root
+
+
+def test_single_question_prints_the_answer_and_each_thought(exported, capsys):
+    image = exported / "data" / "images" / "test-00000.png"
+    infer.main([str(exported / "coconut"), "--image", str(image), "--question", "start 2,1; 3 moves", "--probe", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("answer: ") and "8 tokens" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["thought 1", "thought 2"]  # stage 2 x c_thought 1
+    assert all(line.count(" | ") == 2 for line in lines[1:])
+
+
+def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
+    records = exported / "data" / "test.jsonl"
+    infer.main([str(exported / "coconut"), "--records", str(records), "--probe", "2", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "accuracy 0.000 | mean generated tokens 8.0" in out  # random weights: never right, never stops
+    rows = [json.loads(line) for line in (exported / "data" / "test.predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert {"id", "prediction", "answer", "correct", "gen_tokens", "latency_s", "thoughts"} <= set(rows[0])
+    assert all(len(row["thoughts"]) == 2 and all(len(t) == 2 for t in row["thoughts"]) for row in rows)
+
+    base, tokenizer = load_base(str(exported / "coconut"))
+    data = CoconutDataset(str(records), tokenizer, COCONUT, tile_size(base.config), image_seq_length(base.config))
+    prompts = data.prompts()
+    prompts.stage = 2
+    expected = generate_and_score(make_coconut(base.eval(), tokenizer), prompts, tokenizer, 4, 8, torch.device("cpu"))
+    keys = ("id", "prediction", "answer", "correct", "gen_tokens")
+    assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in expected]
+
+
+def reference_thoughts(base, input_ids: list[int], pixel_values, latent_id: int) -> torch.Tensor:
+    """The continuous thoughts of one prompt, filled one latent at a time by running the base model over the whole
+    sequence (no cache, no Coconut): the last hidden state of the position before each latent."""
+    ids = torch.tensor([input_ids])
+    embeds = base.get_input_embeddings()(ids)
+    thoughts = []
+    for column in torch.nonzero(ids[0] == latent_id).flatten().tolist():
+        hidden = base.model(inputs_embeds=embeds, pixel_values=pixel_values).last_hidden_state
+        thoughts.append(hidden[0, column - 1])
+        embeds[0, column] = thoughts[-1]
+    return torch.stack(thoughts)
+
+
+@pytest.mark.parametrize("stage, c_thought", [(2, 1), (1, 2)])
+def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought):
+    model = infer.load_exported(str(exported / "coconut"), torch.device("cpu"))
+    model.config = dataclasses.replace(model.config, c_thought=c_thought)
+    prompts = infer.open_prompts(model, str(exported / "data" / "test.jsonl"), stage)
+    probes = infer.probe_thoughts(model, prompts, 5, 4, torch.device("cpu"))
+    assert len(probes) == 6
+    base = model.model.base
+    with torch.no_grad():
+        for index, thoughts in enumerate(probes):
+            assert len(thoughts) == stage * c_thought and all(len(tokens) == 5 for tokens in thoughts)
+            reference = reference_thoughts(
+                base, prompts[index]["input_ids"], prompts.pixel_values(index), prompts.latent_id
+            )
+            probs = base.lm_head(reference).softmax(-1)
+            assert [tokens[0]["id"] for tokens in thoughts] == probs.argmax(-1).tolist()
+            top = torch.tensor([[t["prob"] for t in tokens] for tokens in thoughts])
+            torch.testing.assert_close(top, probs.topk(5).values, rtol=1e-4, atol=1e-6)
+    blank = infer.probe_thoughts(model, prompts, 5, 4, torch.device("cpu"), blank_images=True)
+    assert blank[0][0][0]["prob"] != probes[0][0][0]["prob"]  # the thoughts read the image
+
+
+def test_compare_writes_the_table_json_and_plot(exported, tmp_path, capsys):
+    methods = [f"coconut={exported / 'coconut'}", f"cot={exported / 'cot'}"]
+    records = str(exported / "data" / "test.jsonl")
+    infer.main(["compare", *methods, "--records", records, "--blank", "coconut", "--out", str(tmp_path)])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + 3 and "mean latency (ms/example)" in table[0]
+    rows = json.loads((tmp_path / "compare.json").read_text())["methods"]
+    assert [(r["method"], r["mode"], r["stage"], r["n"]) for r in rows] == [
+        ("coconut", "coconut", 2, 6),
+        ("coconut (blank images)", "coconut", 2, 6),
+        ("cot", "cot", 0, 6),
+    ]
+    assert all(r["latency_ms"] > 0 and r["gen_tokens"] == 8 for r in rows)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{root}/data", "--question", "q"], "no coconut.json"),
+        (["{root}/no_weights", "--question", "q"], "no model weights"),
+        (["{root}/coconut", "--question", "q", "--image", "{root}/none.png"], "--image"),
+        (["{root}/coconut", "--records", "{root}/none.jsonl"], "records file not found"),
+        (["compare", "a={root}/coconut", "--records", "{root}/data/test.jsonl", "--blank", "b"], "--blank b"),
+    ],
+)
+def test_user_errors_stop_with_one_line(exported, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        infer.main([arg.format(root=exported) for arg in args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]

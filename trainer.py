@@ -1,0 +1,237 @@
+"""The training loop: curriculum epochs, evaluation, checkpoints, and the guards that keep a long run alive.
+
+`train` runs the epochs of the curriculum from wherever the newest checkpoint left off. Each epoch trains at its
+stage, evaluates, appends a metrics line and writes a checkpoint. A SIGTERM or SIGINT (what a scheduler sends
+before preemption) ends the current optimizer step, writes a mid-epoch checkpoint that `resume: auto` continues
+from exactly, and exits with status 143; a step whose gradients are not finite is skipped and counted, and too many
+in a row stop the run with its checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import checkpoint
+import report
+from dataset import CoconutDataset, collate, stage_for_epoch
+from evaluate import generate_and_score, summarize, validation_loss
+from utils import Config, DistInfo, UserError, is_distributed
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint must hold, besides weights and optimizer, to continue a run exactly."""
+
+    epoch: int = 0  # the epoch in progress
+    micro: int = 0  # micro-batches of that epoch already trained
+    step: int = 0  # optimizer steps since the last optimizer reset (drives the schedule)
+    best: float = -1.0  # best validation accuracy so far
+    losses: list[float] = field(default_factory=list)  # this epoch's micro-batch losses so far
+    samples: int = 0  # this epoch's samples so far on this rank
+    bad_steps: int = 0  # non-finite steps in a row
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; `requested()` agrees across ranks so that all of them stop at the same step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def requested(self, device: torch.device) -> bool:
+        flag = torch.tensor([float(self.raised)], device=device)
+        if is_distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def lr_factor(step: int, total: int, config: Config) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine to zero at `total` steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW over all trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train(
+    config: Config,
+    info: DistInfo,
+    device: torch.device,
+    model: torch.nn.Module,
+    base: torch.nn.Module,
+    tokenizer,
+    data: tuple[CoconutDataset, CoconutDataset],
+    autocast,
+) -> None:
+    """The whole curriculum: train, evaluate, log, checkpoint and export, resuming where asked."""
+    folder = Path(config.save_path) / config.name
+    train_data, val_data = data
+    val_prompts = val_data.prompts()
+    optimizer = make_optimizer(model, config)
+    logger = report.MetricsLog(folder, config, info.is_main)
+    progress = Progress()
+    latest = checkpoint.latest_checkpoint(folder) if config.resume == "auto" else None
+    if latest is not None:
+        progress = Progress(**checkpoint.load_checkpoint(latest, model, optimizer))
+        logger.drop_from(progress.epoch)
+        if info.is_main:
+            print(f"resumed from {latest} (epoch {progress.epoch}, micro-batch {progress.micro})")
+    stop = StopFlag()
+
+    for epoch in range(progress.epoch, config.num_epochs):
+        stage = stage_for_epoch(epoch, config)
+        stage_config = config.for_stage(stage)
+        starting = progress.micro == 0
+        if starting and epoch > 0 and stage != stage_for_epoch(epoch - 1, config) and config.reset_optimizer:
+            optimizer = make_optimizer(model, stage_config)
+            progress.step = 0
+        for dataset in (train_data, val_data, val_prompts):
+            dataset.set_epoch(epoch)
+        progress.epoch = epoch
+        start = time.perf_counter()
+        finished = train_epoch(model, optimizer, train_data, stage_config, progress, info, device, autocast, stop)
+        if not finished:
+            path = checkpoint.save_checkpoint(folder, progress, model, optimizer)
+            if info.is_main:
+                print(f"stopped by signal: wrote {path}; continue with resume=auto", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
+        samples_per_s = progress.samples * info.world_size / (time.perf_counter() - start)
+        metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, device)}
+        metrics["val_loss"] = validation_loss(model, val_data, config.eval_batch_size, device, autocast)
+        rows = generate_and_score(
+            model, val_prompts, tokenizer, config.eval_batch_size, config.max_new_tokens, device, autocast,
+            progress=info.is_main,
+        )  # fmt: skip
+        result = summarize(rows)
+        metrics |= {"val_accuracy": result["accuracy"], "gen_tokens": result["gen_tokens"]}
+        metrics |= {"samples_per_s": samples_per_s, "lr": optimizer.param_groups[0]["lr"]}
+        logger.log(metrics)
+        if info.is_main:
+            print(report.format_epoch(metrics))
+        improved = result["accuracy"] > progress.best
+        progress.best = max(progress.best, result["accuracy"])
+        progress.epoch, progress.micro, progress.losses, progress.samples = epoch + 1, 0, [], 0
+        if improved or not config.save_only_improve:
+            checkpoint.save_checkpoint(folder, progress, model, optimizer)
+            checkpoint.prune_checkpoints(folder, config.keep_checkpoints)
+        if epoch == config.num_epochs - 1 or stage_for_epoch(epoch + 1, config) != stage:
+            run_info = {"config": dataclasses.asdict(config), "stage": stage}
+            checkpoint.export_pretrained(model, base, tokenizer, folder / f"stage_{stage}", run_info)
+    final_stage = stage_for_epoch(config.num_epochs - 1, config)
+    run_info = {"config": dataclasses.asdict(config), "stage": final_stage}
+    checkpoint.export_pretrained(model, base, tokenizer, folder / "final", run_info)
+    if info.is_main and logger.path.exists():
+        print(report.stage_table(logger.path))
+        print(f"plot: {report.plot_metrics(logger.path, folder / 'metrics.png')}")
+
+
+def train_epoch(model, optimizer, data, config: Config, progress: Progress, info, device, autocast, stop) -> bool:
+    """Train the rest of the current epoch (from `progress.micro`); False when a stop signal ended it early.
+
+    The data order depends only on seed and epoch, so a resumed epoch skips exactly the micro-batches that the
+    interrupted run had trained.
+    """
+    sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
+    sampler.set_epoch(progress.epoch)
+    order = list(sampler)[progress.micro * config.batch_size_training :]
+    loader = DataLoader(
+        data,
+        batch_size=config.batch_size_training,
+        sampler=order,
+        collate_fn=partial(collate, pad_id=data.pad_id, latent_id=data.latent_id),
+        num_workers=config.num_workers,
+    )
+    n_micro = math.ceil(len(sampler) / config.batch_size_training)
+    total_steps = math.ceil(n_micro / config.gradient_accumulation_steps) * _epochs_until_reset(progress.epoch, config)
+    model.train()
+    bar = tqdm(
+        loader, desc=f"epoch {progress.epoch} stage {data.stage}", disable=not info.is_main, leave=False,
+        initial=progress.micro, total=n_micro,
+    )  # fmt: skip
+    for batch in bar:
+        progress.micro += 1
+        last_micro = progress.micro % config.gradient_accumulation_steps == 0 or progress.micro == n_micro
+        batch.pop("index")
+        batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+        with _grad_sync(model, last_micro), autocast():
+            loss = model(**batch).loss
+            (loss / config.gradient_accumulation_steps).backward()
+        progress.losses.append(loss.item())
+        progress.samples += batch["input_ids"].shape[0]
+        if not last_micro:
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(progress.step, total_steps, config)
+        # the norm is global (DDP and FSDP2 gradients are synchronised), so every rank takes the same branch
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if torch.isfinite(norm):
+            optimizer.step()
+            progress.step += 1
+            progress.bad_steps = 0
+        else:
+            progress.bad_steps += 1
+            if info.is_main:
+                print(f"skipped step {progress.step}: non-finite gradients ({progress.bad_steps} in a row)")
+            if progress.bad_steps >= config.max_nonfinite_steps:
+                raise UserError(
+                    f"config: {progress.bad_steps} optimizer steps in a row had non-finite gradients (epoch "
+                    f"{progress.epoch}); lower lr or check the data; checkpoints are intact"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{progress.losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if stop.requested(device):
+            return False
+    model.eval()
+    return True
+
+
+def _mean_across_ranks(values: list[float], device: torch.device) -> float:
+    """Mean of every rank's values (the epoch's training loss)."""
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _epochs_until_reset(epoch: int, config: Config) -> int:
+    """Epochs the learning-rate schedule spans: to the stage's end with reset_optimizer, else to the run's end."""
+    if not config.reset_optimizer:
+        return config.num_epochs
+    stage = stage_for_epoch(epoch, config)
+    return sum(1 for e in range(config.num_epochs) if stage_for_epoch(e, config) == stage)
+
+
+def _grad_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps (DDP `no_sync`, FSDP2 requires_gradient_sync)."""
+    if hasattr(model, "no_sync"):
+        return nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
