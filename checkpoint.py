@@ -106,10 +106,11 @@ def atomic_save(obj: object, path: Path) -> str:
             os.fsync(f.fileno())
         digest = _sha256(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write (disk full) as either
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"{path}: could not write the checkpoint ({err.strerror}); free disk space and resume"
+            f"{path}: could not write the checkpoint ({getattr(err, 'strerror', None) or 'write failed'}); "
+            "free disk space and resume; older checkpoints are intact"
         ) from None
     return digest
 

@@ -36,46 +36,68 @@ _FIELDS = {"id", "image", "question", "steps", "answer", "choices", "meta"}
 # ---------------------------------------------------------------------------------------------- records
 
 
-def load_records(path: str) -> list[dict]:
-    """Read a JSON list or JSONL file of records and check each one; a bad record stops with its index/id."""
+def read_records(path: str) -> list:
+    """Parse a JSON list or JSONL file; a missing, unparsable or empty file stops with one line."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"{path}: data file not found; check train_path/val_path")
+        raise UserError(f"{path}: data file not found; check the path in the config")
     text = file.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
+        try:
             records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not JSON or JSONL ({err.msg} at line {err.lineno}); fix the file") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path}: line {number} is not JSON ({err.msg}); fix it (JSONL: one record a line)"
+                ) from None
     if not records:
         raise UserError(f"{path}: no records; the file is empty")
-    for index, record in enumerate(records):
-        _check_record(record, f"{path}: record {index}")
     return records
 
 
-def _check_record(record: object, where: str) -> None:
-    """Raise a UserError naming the record and the field when `record` does not follow the format."""
+def record_problem(record: object) -> str | None:
+    """What is wrong with one record (None when it follows the format)."""
     if not isinstance(record, dict):
-        raise UserError(f"{where}: must be an object with question, steps and answer")
-    if "id" in record:
-        where = f"{where} (id {record['id']!r})"
+        return "must be an object with question, steps and answer"
     unknown = set(record) - _FIELDS
     if unknown:
-        raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; allowed are {sorted(_FIELDS)}")
+        return f"unknown field(s) {sorted(unknown)}; allowed are {sorted(_FIELDS)}"
     for key in ("question", "answer"):
         if not isinstance(record.get(key), str) or not record[key].strip():
-            raise UserError(f"{where}: '{key}' must be a non-empty string")
+            return f"'{key}' must be a non-empty string"
     steps = record.get("steps")
     if not isinstance(steps, list) or not all(isinstance(s, str) and s.strip() for s in steps):
-        raise UserError(f"{where}: 'steps' must be a list of non-empty strings")
+        return "'steps' must be a list of non-empty strings"
+    if not steps:
+        return "'steps' is empty; give at least one reasoning step or leave the record out"
     image = record.get("image")
     if not (
         image is None or isinstance(image, str) or (isinstance(image, list) and all(isinstance(p, str) for p in image))
     ):
-        raise UserError(f"{where}: 'image' must be a path, a list of paths or null")
+        return "'image' must be a path, a list of paths or null"
+    return None
+
+
+def record_name(path: str, index: int, record: object) -> str:
+    """How messages name a record: file, index and id."""
+    named = isinstance(record, dict) and "id" in record
+    return f"{path}: record {index}" + (f" (id {record['id']!r})" if named else "")
+
+
+def load_records(path: str) -> list[dict]:
+    """Read and check a records file; the first bad record stops the run with its index/id and the problem."""
+    records = read_records(path)
+    for index, record in enumerate(records):
+        problem = record_problem(record)
+        if problem:
+            raise UserError(f"{record_name(path, index, record)}: {problem}")
+    return records
 
 
 def image_paths(record: dict, data_path: str, image_root: str) -> list[Path]:
@@ -120,10 +142,11 @@ def tile_image(image: Image.Image, tile: int, max_tiles: int, use_thumbnail: boo
     of the whole image follows.
     """
     cols, rows = tile_grid(image.width, image.height, tile, max_tiles)
-    grid = np.asarray(image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC))
+    # reducing_gap: a huge image is first shrunk by whole factors, so tiling cost stays bounded
+    grid = np.asarray(image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC, reducing_gap=3.0))
     tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile, tile, 3)
     if use_thumbnail and len(tiles) > 1:
-        thumb = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))
+        thumb = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC, reducing_gap=3.0))
         tiles = np.concatenate([tiles, thumb[None]])
     return tiles
 
@@ -143,8 +166,20 @@ def image_file(path: Path, where: str) -> Iterator[Image.Image]:
             yield image
     except FileNotFoundError:
         raise UserError(f"{where}: image {path} not found; fix the path or set image_root") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError:
+        raise UserError(f"{where}: image {path} has too many pixels to decode safely; downscale it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{where}: image {path} cannot be read ({err}); replace the file") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: grey, palette and alpha images convert directly; 16-bit and 32-bit grey are
+    scaled to 8 bits first (a plain conversion would clip them)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------- curriculum
@@ -191,6 +226,40 @@ class TokenizedRecord:
     n_tiles: list[int]
 
 
+def tokenize_record(
+    record: dict,
+    where: str,
+    data_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    config: Config,
+    tile: int,
+    per_tile: int,
+) -> TokenizedRecord:
+    """Token ids of one record; image sizes are read from file headers only, to count tiles."""
+    paths = image_paths(record, data_path, config.image_root)
+    counts = []
+    for path in paths:
+        with image_file(path, where) as image:
+            size = image.size
+        counts.append(num_tiles(*size, tile, config.max_num_tiles, config.use_thumbnail))
+    blocks = ["<img>" + "<IMG_CONTEXT>" * (n * per_tile) + "</img>\n" for n in counts]
+    if len(blocks) > 1:
+        blocks = [f"Image-{k + 1}: {block}" for k, block in enumerate(blocks)]
+    text = config.prompt_template.format(image="".join(blocks), question=record["question"])
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    if prompt.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) != sum(counts) * per_tile:
+        raise UserError(f"{where}: question contains image tokens; remove them")  # it spelled <IMG_CONTEXT>
+    steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record["steps"]]
+    answer = tokenizer.encode(ANSWER_PREFIX + record["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    return TokenizedRecord(prompt, steps, answer, paths, counts)
+
+
+def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
+    """The longest training sequence a record can give at any stage (all steps plus the most latents)."""
+    latents = 2 + config.max_latent_stage * config.c_thought if config.coconut else 0
+    return len(tokens.prompt) + latents + sum(map(len, tokens.steps)) + len(tokens.answer)
+
+
 class CoconutDataset(torch.utils.data.Dataset):
     """Records of one file, tokenised once, served at the stage set by `set_epoch`.
 
@@ -210,35 +279,38 @@ class CoconutDataset(torch.utils.data.Dataset):
         self.records = load_records(path)
         self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.tokens = [self._tokenize(i, r, tokenizer, tokens_per_tile) for i, r in enumerate(self.records)]
+        self.tokens = [
+            tokenize_record(r, self._where(i), path, tokenizer, config, tile, tokens_per_tile)
+            for i, r in enumerate(self.records)
+        ]
+        self._apply_max_length()
         self.cache: dict[Path, np.ndarray] = {}
         self.cache_bytes = 0
         self.stage, self.epoch = 0, 0
 
     def _where(self, index: int) -> str:
-        record = self.records[index]
-        return f"{self.path}: record {index}" + (f" (id {record['id']!r})" if "id" in record else "")
+        return record_name(self.path, index, self.records[index])
 
-    def _tokenize(self, index: int, record: dict, tokenizer: PreTrainedTokenizerBase, per_tile: int) -> TokenizedRecord:
-        """Token ids of one record; image sizes are read from file headers only, to count tiles."""
-        paths = image_paths(record, self.path, self.config.image_root)
-        counts = []
-        for path in paths:
-            with image_file(path, self._where(index)) as image:
-                size = image.size
-            counts.append(num_tiles(*size, self.tile, self.config.max_num_tiles, self.config.use_thumbnail))
-        blocks = ["<img>" + "<IMG_CONTEXT>" * (n * per_tile) + "</img>\n" for n in counts]
-        if len(blocks) > 1:
-            blocks = [f"Image-{k + 1}: {block}" for k, block in enumerate(blocks)]
-        text = self.config.prompt_template.format(image="".join(blocks), question=record["question"])
-        prompt = tokenizer.encode(text, add_special_tokens=False)
-        expected = sum(counts) * per_tile
-        context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-        if prompt.count(context_id) != expected:  # the question itself spelled an image token
-            raise UserError(f"{self._where(index)}: question contains image tokens; remove them")
-        steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record["steps"]]
-        answer = tokenizer.encode(ANSWER_PREFIX + record["answer"], add_special_tokens=False) + [self.eos_id]
-        return TokenizedRecord(prompt, steps, answer, paths, counts)
+    def _apply_max_length(self) -> None:
+        """Enforce max_length: stop at the first longer record, or (too_long: skip) drop and report them all."""
+        if self.config.max_length == 0:
+            return
+        long = [
+            i
+            for i in range(len(self.records))
+            if longest_sequence(self.tokens[i], self.config) > self.config.max_length
+        ]
+        if long and self.config.too_long == "error":
+            length = longest_sequence(self.tokens[long[0]], self.config)
+            raise UserError(
+                f"{self._where(long[0])}: {length} tokens, more than max_length {self.config.max_length}; "
+                "raise max_length, shorten the record or set too_long: skip"
+            )
+        if long:
+            names = ", ".join(str(self.records[i].get("id", i)) for i in long[:10])
+            print(f"{self.path}: skipped {len(long)} records longer than max_length {self.config.max_length}: {names}")
+            keep = [i for i in range(len(self.records)) if i not in set(long)]
+            self.records, self.tokens = [self.records[i] for i in keep], [self.tokens[i] for i in keep]
 
     def prompts(self) -> CoconutDataset:
         """The same records as evaluation prompts for `generate`; shares tokens, image cache and stage."""
@@ -272,7 +344,7 @@ class CoconutDataset(torch.utils.data.Dataset):
         """Decoded uint8 tiles of one image, kept in memory (up to image_cache_mb) so epochs don't re-decode."""
         if path not in self.cache:
             with image_file(path, self._where(index)) as image:
-                rgb = image.convert("RGB")
+                rgb = to_rgb(image)
             tiles = tile_image(rgb, self.tile, self.config.max_num_tiles, self.config.use_thumbnail)
             if self.cache_bytes + tiles.nbytes > self.config.image_cache_mb * 2**20:
                 return tiles

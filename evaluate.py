@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 import torch.distributed as dist

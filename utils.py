@@ -50,6 +50,8 @@ class Config:
     use_thumbnail: bool = True
     prompt_template: str = "{image}{question}\n"
     image_cache_mb: int = 1024
+    max_length: int = 0  # longest training sequence in tokens (0: no limit)
+    too_long: str = "error"  # a longer record: error (stop) or skip (drop, counted and listed)
     # training mode and curriculum
     coconut: bool = False
     cot: bool = False
@@ -222,6 +224,7 @@ def _check_modes(config: Config, where: str) -> None:
         "resume": ("none", "auto"),
         "lr_schedule": ("constant", "cosine"),
         "report_to": ("none", "wandb", "tensorboard"),
+        "too_long": ("error", "skip"),
     }
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:

@@ -10,6 +10,7 @@ import torch
 from conftest import make_coconut
 from PIL import Image
 
+import dataset
 from dataset import CoconutDataset, collate, load_records, num_tiles, stage_for_epoch, stage_plan, tile_grid, tile_image
 from internvl import LATENT_TOKENS, image_seq_length, tile_size
 from utils import Config, UserError
@@ -147,7 +148,7 @@ def test_collator_aligns_first_latents_and_batch_runs_through_model(tmp_path, ti
 def test_tokenised_once_and_images_decoded_once(tmp_path, tiny_base, monkeypatch):
     data = make_dataset(tmp_path, tiny_base)
     calls = []
-    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(a))
+    monkeypatch.setattr(dataset, "tokenize_record", lambda *a: calls.append(a))
     opened = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))

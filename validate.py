@@ -1,0 +1,78 @@
+"""Check data files against a config before training, listing every bad record instead of stopping at the first.
+
+    python validate.py args/multimodal_cot.yaml [key=value ...]
+
+For train_path and val_path: the file parses, each record follows the format, every image exists and decodes,
+and (with max_length set) no record is longer. Exits 0 when all is well, 1 with one line per problem otherwise,
+2 for a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dataset import (
+    image_file,
+    image_paths,
+    longest_sequence,
+    read_records,
+    record_name,
+    record_problem,
+    to_rgb,
+    tokenize_record,
+)
+from internvl import image_seq_length, load_base, tile_size
+from utils import Config, UserError, load_config
+
+
+def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int) -> tuple[int, list[str]]:
+    """(number of records, one line per problem) for one data file."""
+    try:
+        records = read_records(path)
+    except UserError as err:
+        return 0, [str(err)]
+    problems = []
+    for index, record in enumerate(records):
+        where = record_name(path, index, record)
+        problem = record_problem(record)
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        try:
+            for image in image_paths(record, path, config.image_root):
+                with image_file(image, where) as opened:
+                    to_rgb(opened)  # decodes every pixel: truncated files fail here
+            length = longest_sequence(tokenize_record(record, where, path, tokenizer, config, tile, per_tile), config)
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        if config.max_length and length > config.max_length:
+            problems.append(f"{where}: {length} tokens, more than max_length {config.max_length}")
+    return len(records), problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="List every bad record of a config's data files.")
+    parser.add_argument("config", help="a YAML file in args/")
+    parser.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        base, tokenizer = load_base(config.model_id, config.latent_init)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    tile, per_tile = tile_size(base.config), image_seq_length(base.config)
+    failed = False
+    for path in dict.fromkeys(p for p in (config.train_path, config.val_path) if p):
+        count, problems = find_problems(path, config, tokenizer, tile, per_tile)
+        for line in problems:
+            print(line)
+        print(f"{path}: {count} records, {len(problems)} problems")
+        failed |= bool(problems)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
