@@ -58,5 +58,14 @@ def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, 
 
 
 def test_shipped_configs_load():
-    for name in ("multimodal_cot", "multimodal_coconut"):
+    for name in (
+        "multimodal_cot",
+        "multimodal_coconut",
+        "m3cot_cot",
+        "m3cot_coconut",
+        "aokvqa_cot",
+        "aokvqa_coconut",
+        "demo",
+        "demo_no_cot",
+    ):
         assert load_config(f"args/{name}.yaml").model_id
