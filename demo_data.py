@@ -2,7 +2,7 @@
 
 Each 64-px image is a 4 x 4 grid of coloured cells, one 16-px cell per vision token of the tiny model. Every
 colour is an arrow: red moves right, blue down, green left, yellow up (wrapping around the edges). The question
-gives a start cell; the answer is the colour of the cell reached after three moves. Each step is the colour
+gives a start cell ("from 2,1"); the answer is the colour of the cell reached after three moves. Each step is the colour
 read at the current cell and the cell it leads to ("red 1,3"), so one step is one look at the image, while a
 direct answer has to chain four looks inside the network.
 
@@ -28,7 +28,7 @@ def make_example(rng: random.Random) -> tuple[list[list[str]], dict]:
     """One random grid and its record (without id and image path)."""
     grid = [[rng.choice(list(COLOURS)) for _ in range(GRID)] for _ in range(GRID)]
     r, c = rng.randrange(GRID), rng.randrange(GRID)
-    question = f"start {r},{c}; {HOPS} moves"
+    question = f"from {r},{c}"
     steps = []
     for _ in range(HOPS):
         colour = grid[r][c]

@@ -101,7 +101,7 @@ def plot_metrics(path: Path, out: Path) -> Path:
         if cur["stage"] != prev["stage"]:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle=":")
-            acc_ax.text(cur["epoch"] - 0.4, 0.02, f"stage {cur['stage']}", fontsize=8)
+            acc_ax.text(cur["epoch"] - 0.45, 0.03, f"stage {cur['stage']}", fontsize=8, rotation=90, color="grey")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -237,7 +237,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, data_dir):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
     assert done.returncode == 2
     assert "checkpoint_1.pt: could not write the checkpoint (" in done.stderr and "free disk space" in done.stderr
-    assert done.stderr.count("\n") <= 3, done.stderr  # no traceback
+    assert "Traceback" not in done.stderr
     assert not list(folder.glob("*.tmp"))
     assert torch.load(folder / "checkpoint_0.pt", weights_only=False)["progress"][0]["epoch"] == 1
 
