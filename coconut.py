@@ -6,29 +6,48 @@ order, so `Coconut` runs the decoder in segments split at each column that holds
 i ends just before latent column i, its last hidden state fills that column, and the KV cache carries
 everything before it. Each position is computed exactly once, in (distinct latent columns + 1) passes, and the
 gradient flows back through every pass to the vision tower, the projector and the language model.
+
+What the passes cost beyond one plain pass is kept to the passes themselves (see bench/bench.py): the KV cache
+is written once into buffers of the final length (`WriteOnceLayer`) instead of copied on every pass and kept
+alive, copy after copy, for backward; and the loss takes logits only at labelled positions, so a training step
+never builds the B x T x V logits.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from utils import is_distributed
 
 
-@dataclass
 class CoconutOutput:
     """What `Coconut.forward` returns: the loss (None without labels), B x T x V logits, and the input
-    embeddings with the continuous thoughts filled in."""
+    embeddings with the continuous thoughts filled in.
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    inputs_embeds: torch.Tensor
+    With labels, the loss comes from the labelled positions' logits alone, and the B x T x V logits are computed
+    only if read (under the grad and autocast modes of the forward, so they equal logits computed in it): a
+    training step never pays for them. Without labels they are computed in the forward.
+    """
+
+    def __init__(self, loss: torch.Tensor | None, inputs_embeds: torch.Tensor, hidden: torch.Tensor, head: nn.Module):
+        self.loss, self.inputs_embeds = loss, inputs_embeds
+        self._hidden, self._head, self._logits = hidden, head, None
+        self._grad = torch.is_grad_enabled()
+        device = hidden.device.type
+        self._autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            device, dtype, enabled = self._autocast
+            with torch.set_grad_enabled(self._grad), torch.autocast(device, dtype, enabled=enabled):
+                self._logits = self._head(self._hidden)
+        return self._logits
 
 
 class Coconut(nn.Module):
@@ -120,14 +139,16 @@ class Coconut(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
         position_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+        cache_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, Cache]:
         """Run the decoder over the whole sequence, filling each latent from the hidden state before it.
 
-        Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache.
+        Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache, which
+        has room for `cache_length` columns.
         """
         embeds = self.embed(input_ids, pixel_values)
         latent_mask = input_ids == self.latent_token_id
-        cache = DynamicCache()
+        cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
         hidden_parts, embed_parts = [], []
         for start, end in self._segments(latent_mask):
             part = embeds[:, start:end]
@@ -155,20 +176,28 @@ class Coconut(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> CoconutOutput:
-        """Logits for every position and, with `labels`, the shifted cross-entropy over labels != -100.
+        """Logits for every position and, with `labels`, the shifted cross-entropy over labels != -100 (the
+        logits are then computed only if read, see `CoconutOutput`).
 
         Positions default to the attention mask's cumulative sum minus one, so left and right padding both work.
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden, embeds, _ = self._prefill(input_ids, attention_mask, pixel_values, position_ids)
-        logits = self.base.get_output_embeddings()(hidden)
+        hidden, embeds, _ = self._prefill(input_ids, attention_mask, pixel_values, position_ids, input_ids.shape[1])
+        head = self.base.get_output_embeddings()
         loss = None
         if labels is not None:
+            # logits only where there is a label to predict: the rest of the B x T x V tensor is never needed
+            targets = labels[:, 1:]
+            keep = targets != -100
+            logits = head(hidden[:, :-1][keep])
             # at least float32: a bf16 softmax over 150k classes loses the loss's precision
-            shifted = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=-100)
-        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=embeds)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits, targets[keep])
+        output = CoconutOutput(loss, embeds, hidden, head)
+        if labels is None:  # whoever asks without labels wants the logits: compute them within the forward call
+            _ = output.logits
+        return output
 
     @torch.no_grad()
     def generate(
@@ -185,7 +214,8 @@ class Coconut(nn.Module):
         same number of decoder calls.
         """
         position_ids = positions_from_mask(attention_mask)
-        hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids)
+        width = input_ids.shape[1] + max_new_tokens
+        hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids, width)
         head, embedding = self.base.get_output_embeddings(), self.base.get_input_embeddings()
         next_pos = position_ids[:, -1:] + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -208,6 +238,64 @@ class Coconut(nn.Module):
             hidden = out.last_hidden_state
             next_pos = next_pos + 1
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+class WriteOnceLayer(DynamicLayer):
+    """A KV-cache layer that writes each pass's keys and values once into buffers of the final length and hands
+    attention a view of the filled columns.
+
+    `DynamicCache` concatenates instead: every pass copies the whole cache, and autograd keeps each copy alive for
+    the backward of the attention that read it, so n latent passes held n copies of the growing cache (and
+    generation copied it once per token). Here all passes share one buffer per layer.
+    """
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.length, key_states.shape[3])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.length, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.get_seq_length() + key_states.shape[2] > self.length:
+            raise ValueError(f"the KV cache holds {self.length} columns; this pass would go past them")
+        if torch.is_grad_enabled():
+            self.keys = _Append.apply(self.key_buffer, self.keys, key_states)
+            self.values = _Append.apply(self.value_buffer, self.values, value_states)
+        else:  # generation: no gradient to route, and a plain write costs a third of the autograd.Function's call
+            start = self.get_seq_length()
+            end = start + key_states.shape[2]
+            self.key_buffer[:, :, start:end], self.value_buffer[:, :, start:end] = key_states, value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+
+class _Append(torch.autograd.Function):
+    """Write `new` into `buffer` after the `earlier` columns and return all filled columns, with the gradient
+    routed as `torch.cat([earlier, new], 2)` routes it, but without copying the earlier columns."""
+
+    @staticmethod
+    def forward(ctx, buffer: torch.Tensor, earlier: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        start = 0 if earlier is None else earlier.shape[2]
+        end = start + new.shape[2]
+        buffer[:, :, start:end] = new
+        ctx.start = start
+        # Writes only ever go to columns no earlier view covers, so a view autograd saved for backward keeps the
+        # values it was computed with. `.data` gives the view its own version counter, so that those later writes
+        # into `buffer` do not trip autograd's check that saved tensors were not modified.
+        return buffer.data[:, :, :end]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor]:
+        return None, grad[:, :, : ctx.start] if ctx.start else None, grad[:, :, ctx.start :]
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
