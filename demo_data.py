@@ -1,9 +1,9 @@
 """A synthetic visual multi-step reasoning set that a tiny model can learn on a CPU, and that needs its steps.
 
 Each 64-px image is a 4 x 4 grid of coloured cells, one 16-px cell per vision token of the tiny model. Every
-colour is an arrow: red moves right, blue down, green left, yellow up (wrapping around the edges). The question
+colour is an arrow: pink moves right, blue down, lime left, gold up (wrapping around the edges). The question
 gives a start cell ("from 2,1"); the answer is the colour of the cell reached after three moves. Each step is the colour
-read at the current cell and the cell it leads to ("red 1,3"), so one step is one look at the image, while a
+read at the current cell and the cell it leads to ("pink 1,3"), so one step is one look at the image, while a
 direct answer has to chain four looks inside the network.
 
     python demo_data.py data/demo            # writes train/val/test .jsonl and images/, seeded
@@ -18,8 +18,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 40)}
-MOVES = {"red": (0, 1), "blue": (1, 0), "green": (0, -1), "yellow": (-1, 0)}
+# four-letter names: every example then has its tokens at the same positions, which a tiny model learns faster
+COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60), "gold": (230, 180, 30)}
+MOVES = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}
 GRID, CELL, HOPS = 4, 16, 3
 SPLITS = {"train": 8000, "val": 256, "test": 512}
 

@@ -1,0 +1,73 @@
+"""The tiny offline model and tokenizer, and the latent-token rows: the path every checkpoint takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from internvl import (
+    IMAGE_TOKENS,
+    LATENT_TOKENS,
+    add_latent_tokens,
+    build_tiny_tokenizer,
+    image_seq_length,
+    load_base,
+    tiny_config,
+)
+from utils import UserError
+
+
+def test_tiny_tokenizer_encodes_any_text_without_unknowns():
+    tokenizer = build_tiny_tokenizer()
+    text = "Grüße, 東京! <img><IMG_CONTEXT></img> 3.5 → ∑"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+    assert len(set(tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))) == 3
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def fresh_model(tied: bool = True):
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(config), tokenizer
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("rule", ["mean", "#"])
+def test_latent_rows_follow_the_init_rule_for_embeddings_and_head(rule, tied):
+    model, tokenizer = fresh_model(tied)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    old = len(tokenizer)
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    add_latent_tokens(model, tokenizer, rule)
+    assert tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)) == [old, old + 1, old + 2]
+    for table, before in (
+        (model.get_input_embeddings().weight, before_in),
+        (model.get_output_embeddings().weight, before_out),
+    ):
+        assert table.shape[0] == old + 3
+        expected = before.mean(0) if rule == "mean" else before[tokenizer.convert_tokens_to_ids("#")]
+        for row in table[old:]:
+            torch.testing.assert_close(row, expected)
+        torch.testing.assert_close(table[:old], before)  # existing rows untouched
+
+
+def test_latent_init_must_be_one_token():
+    model, tokenizer = fresh_model()
+    with pytest.raises(UserError, match="latent_init 'two words' is 9 tokens"):
+        add_latent_tokens(model, tokenizer, "two words")
+
+
+def test_load_base_tiny_is_ready_for_coconut():
+    model, tokenizer = load_base("tiny")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == 264
+    assert image_seq_length(model.config) == 16 and model.config.image_token_id == tokenizer.convert_tokens_to_ids(
+        "<IMG_CONTEXT>"
+    )
+    # a saved model with the tokens already present is not resized again
+    add_latent_tokens(model, tokenizer, "mean")
+    assert model.get_input_embeddings().weight.shape[0] == 264
