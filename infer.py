@@ -192,8 +192,10 @@ def ask(
     (empty without `probe`)."""
     if image is not None and not Path(image).is_file():
         raise UserError(f"--image {image}: file not found")
-    # the record format asks for an answer; it is unknown here, and its score is never shown
-    record = {"image": str(Path(image).resolve()) if image else None, "question": question, "steps": [], "answer": "?"}
+    # the record format asks for steps and an answer; both are unknown here (placeholders, never shown), and
+    # pad_latents gives the stage's full number of thoughts whatever the step count
+    path = str(Path(image).resolve()) if image else None
+    record = {"image": path, "question": question, "steps": ["?"], "answer": "?"}
     with tempfile.TemporaryDirectory() as folder:
         records = Path(folder) / "question.jsonl"
         records.write_text(json.dumps(record) + "\n")
