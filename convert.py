@@ -22,7 +22,11 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
 )
-from transformers.initialization import no_init_weights
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x keeps it in modeling_utils
+    from transformers.modeling_utils import no_init_weights
 
 from utils import UserError
 
