@@ -9,7 +9,6 @@ This file sets up the job (config, processes, model, parallel wrapping); trainer
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ from coconut import Coconut
 from dataset import CoconutDataset, stage_for_epoch
 from evaluate import generate_and_score, summarize
 from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
-from utils import Config, DistInfo, UserError, dist_info, load_config, seed_everything
+from utils import Config, DistInfo, UserError, config_parser, dist_info, load_config, seed_everything
 
 
 def setup_distributed(config: Config) -> tuple[DistInfo, torch.device]:
@@ -121,10 +120,7 @@ def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: C
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train or evaluate Coconut on InternVL.")
-    parser.add_argument("config", help="a YAML file in args/")
-    parser.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
-    args = parser.parse_args(argv)
+    args = config_parser("Train or evaluate Coconut on InternVL.").parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         info, device = setup_distributed(config)

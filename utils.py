@@ -7,6 +7,7 @@ line and checks every key and type, so a typo stops the run before any model is 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -246,6 +247,14 @@ def _check_modes(config: Config, where: str) -> None:
     for key in ("{image}", "{question}"):
         if key not in config.prompt_template:
             raise UserError(f"{where}: prompt_template must contain {key}")
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of every config-driven entry point: a YAML path, then key=value overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("config", help="a YAML file in args/")
+    parser.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    return parser
 
 
 def seed_everything(seed: int) -> None:

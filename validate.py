@@ -9,7 +9,6 @@ and (with max_length set) no record is longer. Exits 0 when all is well, 1 with 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from dataset import (
@@ -23,7 +22,7 @@ from dataset import (
     tokenize_record,
 )
 from internvl import image_seq_length, load_base, tile_size
-from utils import Config, UserError, load_config
+from utils import Config, UserError, config_parser, load_config
 
 
 def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int) -> tuple[int, list[str]]:
@@ -53,10 +52,7 @@ def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="List every bad record of a config's data files.")
-    parser.add_argument("config", help="a YAML file in args/")
-    parser.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
-    args = parser.parse_args(argv)
+    args = config_parser("List every bad record of a config's data files.").parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         base, tokenizer = load_base(config.model_id, config.latent_init)
