@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import demo_data
+from evaluate import shard
 from internvl import LATENT_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,23 @@ def test_curriculum_metrics_and_export(tmp_path, data_dir):
     exported = model.state_dict()
     for name, value in state.items():
         torch.testing.assert_close(exported[name.removeprefix("base.")], value, rtol=0, atol=0)
+
+
+def test_only_eval_scores_an_exported_model(tmp_path, data_dir):
+    run(["name=e2e", "num_epochs=2"], tmp_path, data_dir)
+    run(["name=eval", "only_eval=true", f"load_model_path={tmp_path}/e2e/final", "eval_stage=1"], tmp_path, data_dir)
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert result["stage"] == 1 and result["n"] == len(predictions) == 8
+    assert result["accuracy"] == sum(json.loads(p)["correct"] for p in predictions) / 8
+
+
+@pytest.mark.parametrize("n, world", [(7, 2), (8, 2), (5, 3), (1, 4)])
+def test_evaluation_shards_count_each_example_once(n, world):
+    shards = [shard(n, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank makes the same number of calls
+    counted = sorted(i for s in shards for i, c in s if c)
+    assert counted == list(range(n))
 
 
 def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_dir):
