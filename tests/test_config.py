@@ -67,5 +67,6 @@ def test_shipped_configs_load():
         "aokvqa_coconut",
         "demo",
         "demo_no_cot",
+        "demo_long",
     ):
         assert load_config(f"args/{name}.yaml").model_id
