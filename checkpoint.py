@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from utils import UserError, is_distributed
+from utils import UserError, gather_objects, rank_world
 
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
 
@@ -52,16 +51,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def _gather(obj: object) -> list:
-    """Every rank's `obj`, in rank order (a one-element list outside a multi-rank job)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return rank_world()[0]
 
 
 def _position(path: Path) -> tuple[int, int] | None:
@@ -86,7 +76,7 @@ def save_checkpoint(folder: Path, progress, model, optimizer) -> Path:
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, [optimizer], options=options)
-    progresses, rngs = _gather(dataclasses.asdict(progress)), _gather(rng_state())
+    progresses, rngs = gather_objects(dataclasses.asdict(progress)), gather_objects(rng_state())
     path = checkpoint_path(folder, progress.epoch, progress.micro)
     if _rank() == 0:
         state = {"model": model_state, "optimizer": optim_state, "progress": progresses, "rng": rngs}

@@ -309,7 +309,8 @@ class CoconutDataset(torch.utils.data.Dataset):
         if long:
             names = ", ".join(str(self.records[i].get("id", i)) for i in long[:10])
             print(f"{self.path}: skipped {len(long)} records longer than max_length {self.config.max_length}: {names}")
-            keep = [i for i in range(len(self.records)) if i not in set(long)]
+            dropped = set(long)
+            keep = [i for i in range(len(self.records)) if i not in dropped]
             self.records, self.tokens = [self.records[i] for i in keep], [self.tokens[i] for i in keep]
 
     def prompts(self) -> CoconutDataset:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from dataset import CoconutDataset, collate
 from scoring import extract_answer, is_correct
-from utils import is_distributed
+from utils import gather_objects, is_distributed, rank_world
 
 
 def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
@@ -37,23 +37,10 @@ def _batches(data: CoconutDataset, batch_size: int, rank: int, world: int):
         yield batch
 
 
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-
-
-def _all_gather(rows: list) -> list:
-    """Concatenate every rank's list (in rank order)."""
-    if not is_distributed():
-        return rows
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, rows)
-    return [row for part in out for row in part]
-
-
 @torch.no_grad()
 def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.device, autocast=nullcontext) -> float:
     """Mean per-example loss over `data` (training sequences at its current stage), across all ranks."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in _batches(data, batch_size, rank, world):
         counted = batch.pop("counted").to(device)
@@ -91,7 +78,7 @@ def generate_and_score(
     and including EOS) and the per-example share of its batch's latency. `blank_images` replaces every tile with
     zeros, to measure how much the answers depend on the image.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     generate = model.module.generate if hasattr(model, "module") else model.generate
     rows = []
     batches = _batches(data, batch_size, rank, world)
@@ -129,7 +116,7 @@ def generate_and_score(
                     "meta": record.get("meta", {}),
                 }
             )
-    return sorted(_all_gather(rows), key=lambda row: row["index"])
+    return sorted((row for part in gather_objects(rows) for row in part), key=lambda row: row["index"])
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -287,3 +287,18 @@ def is_distributed() -> bool:
     """True when a process group with more than one rank is running (collectives must then match)."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process in the running job; (0, 1) outside a multi-rank job."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj` (any picklable value), in rank order; a one-element list outside a multi-rank job."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
