@@ -90,6 +90,17 @@ def tile_size(config: InternVLConfig) -> int:
     return int(config.vision_config.image_size[0])
 
 
+def checkpoint_vision_tower(model: InternVLForConditionalGeneration) -> None:
+    """Activation checkpointing of the vision tower's layers: their activations are recomputed in backward.
+
+    Only the vision tower: decoder layers write the KV cache that links Coconut's latent passes, and a
+    checkpointed decoder layer would write it again when recomputed. transformers 5 renamed the method.
+    """
+    tower = model.model.vision_tower
+    enable = getattr(tower, "activation_checkpointing_enable", None) or tower.gradient_checkpointing_enable
+    enable()
+
+
 def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, init: str) -> None:
     """Add the three latent tokens to `tokenizer`, resize `model`'s embeddings and initialise the new rows.
 

@@ -25,7 +25,7 @@ import trainer
 from coconut import Coconut
 from dataset import CoconutDataset, stage_for_epoch
 from evaluate import generate_and_score, summarize
-from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
+from internvl import LATENT_TOKENS, checkpoint_vision_tower, image_seq_length, load_base, tile_size
 from utils import Config, DistInfo, UserError, config_parser, dist_info, load_config, seed_everything
 
 
@@ -66,9 +66,7 @@ def parallelize(model: Coconut, config: Config, device: torch.device) -> torch.n
     """Move to `device` and wrap for DDP or FSDP2 (each vision and decoder layer sharded, then the root)."""
     model.to(device)
     if config.activation_checkpointing:
-        # only the vision tower: decoder layers write the KV cache that links the latent passes, and a
-        # checkpointed layer would write it again when it is recomputed in backward
-        model.base.model.vision_tower.gradient_checkpointing_enable()
+        checkpoint_vision_tower(model.base)
     if config.use_ddp:
         device_ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7 on CPU, 3 on GPU)")
     parser.add_argument("--batch", type=int, help="--gpu training batch (default 16)")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="--gpu: activation checkpointing of the vision tower"
+    )
     parser.add_argument("--new-tokens", type=int, default=64, help="--gpu generated tokens per row")
     parser.add_argument("--peak-tflops", type=float, help="--gpu: the device's dense bf16 peak, for MFU")
     parser.add_argument("--out", help="JSON file (default bench/results-cpu.json or results-gpu.json)")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
-from measure import Column, median_times, peak_bytes, print_table, sync_for
+from measure import Column, kernel_profile, median_times, peak_bytes, print_table, sync_for
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
 from coconut import Coconut
-from internvl import image_seq_length, load_base, tile_size
+from internvl import checkpoint_vision_tower, image_seq_length, load_base, tile_size
 from utils import Config
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
@@ -34,6 +34,8 @@ GPU_TRAIN_COLUMNS: list[Column] = [
     ("batch", "batch", "{}"),
     ("tokens", "text tokens", "{}"),
     ("ms", "ms", "{:.1f}"),
+    ("kernel_ms", "kernel ms", "{:.1f}"),
+    ("kernels", "kernels", "{}"),
     ("samples_per_s", "samples/s", "{:.1f}"),
     ("step_memory_gb", "step GB", "{:.2f}"),
     ("peak_memory_gb", "peak GB", "{:.2f}"),
@@ -188,8 +190,11 @@ def bench_gpu_train(
     coconut: Coconut, cot: dict, coconut_batch: dict, warmup: int, repeats: int, peak: float | None
 ) -> list[dict]:
     """The CoT step through Coconut (no latents), the Coconut stage-3 step and the CoT step through the model's
-    own forward, each forward + backward + fused AdamW step on batches already on the model's device: time,
-    samples/s, the step's memory and the allocator's peak, TFLOP/s and MFU (against `peak`, None: unknown)."""
+    own forward (a row marked out of memory where its full logits do not fit), each forward + backward + fused
+    AdamW step on batches already on the model's device: time,
+    samples/s, the GPU kernels' own time and count in one profiled step (a step whose kernels take far less
+    than its wall time waits on the host), the step's memory and the allocator's peak, TFLOP/s and MFU (against
+    `peak`, None: unknown)."""
     model = coconut.base
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,18 +211,31 @@ def bench_gpu_train(
     steps = {
         COT_STEP: (step_of(lambda: coconut(**cot).loss), cot),
         "coconut stage 3 (6 latents)": (step_of(lambda: coconut(**coconut_batch).loss), coconut_batch),
-        "cot (transformers forward)": (step_of(lambda: model(**cot).loss), cot),
     }
+    reference = "cot (transformers forward)"
     times = median_times({name: fn for name, (fn, _) in steps.items()}, warmup, repeats, sync_for(device))
+    # timed on its own: at large batches its B x T x V logits no longer fit, and that must not cost the others
+    steps[reference] = (step_of(lambda: model(**cot).loss), cot)
+    try:
+        times |= median_times({reference: steps[reference][0]}, warmup, repeats, sync_for(device))
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
     rows = []
     for name, (fn, data) in steps.items():
-        flops, batch = train_flops(model, data), data["input_ids"].shape[0]
+        batch = data["input_ids"].shape[0]
+        row = {"step": name, "batch": batch, "tokens": int(data["attention_mask"].sum())}
+        if name not in times:
+            rows.append(row | {"step": f"{name}: out of memory"})
+            continue
+        flops = train_flops(model, data)
+        kernel_ms, kernels = kernel_profile(fn, device)
         rows.append(
-            {
-                "step": name,
-                "batch": batch,
-                "tokens": int(data["attention_mask"].sum()),
+            row
+            | {
                 "ms": 1e3 * times[name],
+                "kernel_ms": kernel_ms,
+                "kernels": kernels,
                 "samples_per_s": batch / times[name],
                 "step_memory_gb": (peak_bytes(fn, device) or 0) / 2**30,
                 "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -279,6 +297,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     tiny = args.tiny
     began = time.perf_counter()
     model = build_gpu_model(tiny, device, dtype)
+    if args.checkpointing:  # as run.py's activation_checkpointing
+        checkpoint_vision_tower(model)
     built = time.perf_counter() - began
     batch = args.batch or (2 if tiny else 16)
     cot, coconut_batch, (start, end, latent) = gpu_batches(
@@ -303,6 +323,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "attention": model.config._attn_implementation,
         "dtype": str(dtype),
+        "vision_checkpointing": args.checkpointing,
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": built,
         "peak_tflops": peak / 1e12 if peak else None,

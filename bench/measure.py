@@ -46,6 +46,21 @@ def median_times(fns: dict[str, Callable[[], object]], warmup: int, repeats: int
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def kernel_profile(fn: Callable[[], object], device: torch.device) -> tuple[float | None, int | None]:
+    """Milliseconds that the GPU kernels of one call of `fn` run for, and how many kernels (and copies) it
+    launches; (None, None) on a CPU. When the kernels' time is far under the wall time, the host (Python,
+    dispatch, launches) and not the GPU bounds the call."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels)
+
+
 def _proc_status(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 

@@ -28,7 +28,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     runs = {
         "cpu": ["--quick"],
         # --peak-tflops gives the MFU column a value on a CPU too
-        "gpu": ["--gpu", "--device", "cpu", "--tiny", "--peak-tflops", "1"],
+        "gpu": ["--gpu", "--device", "cpu", "--tiny", "--peak-tflops", "1", "--checkpointing"],
     }
     procs = {
         name: subprocess.Popen(
@@ -75,12 +75,13 @@ def test_cpu_json_has_every_row_with_sane_numbers(results):
 
 def test_gpu_code_path_runs_on_a_tiny_model(results):
     gpu = results["gpu"]
-    assert gpu["dtype"] == "torch.bfloat16" and gpu["attention"] == "sdpa"
+    assert gpu["dtype"] == "torch.bfloat16" and gpu["attention"] == "sdpa" and gpu["vision_checkpointing"]
     steps = {row["step"]: row for row in gpu["train"]}
     assert set(steps) == {"cot (Coconut, no latents)", "coconut stage 3 (6 latents)", "cot (transformers forward)"}
     for row in steps.values():
         for key in ("ms", "samples_per_s", "tflops", "mfu", "vs_cot", "step_memory_gb"):
             assert positive(row[key]), (row, key)
+        assert row["kernel_ms"] is None and row["kernels"] is None  # GPU kernels only: none on a CPU
     assert steps["cot (Coconut, no latents)"]["vs_cot"] == 1
     # the CoT rows carry the 3 steps that the Coconut rows replace by 8 thought tokens
     cot, coconut = steps["cot (Coconut, no latents)"], steps["coconut stage 3 (6 latents)"]

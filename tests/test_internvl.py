@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import image_block, make_coconut
 from transformers import InternVLForConditionalGeneration
 
 from internvl import (
@@ -11,6 +12,7 @@ from internvl import (
     LATENT_TOKENS,
     add_latent_tokens,
     build_tiny_tokenizer,
+    checkpoint_vision_tower,
     image_seq_length,
     load_base,
     tiny_config,
@@ -71,3 +73,31 @@ def test_load_base_tiny_is_ready_for_coconut():
     # a saved model with the tokens already present is not resized again
     add_latent_tokens(model, tokenizer, "mean")
     assert model.get_input_embeddings().weight.shape[0] == 264
+
+
+def test_vision_checkpointing_recomputes_without_changing_loss_or_gradients():
+    model, tokenizer = load_base("tiny")
+    model = model.double().train()
+    coconut = make_coconut(model, tokenizer)
+    latent = coconut.latent_token_id
+    ids = image_block(model, tokenizer, 2) + [5, 6, coconut.start_latent_id, latent, latent, 7, 8]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    batch["labels"] = torch.tensor([[-100] * (len(ids) - 2) + ids[-2:]])
+    batch["pixel_values"] = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = coconut(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    checkpoint_vision_tower(model)
+    assert model.model.vision_tower.encoder.gradient_checkpointing
+    # the decoder writes the KV cache that links the latent passes: it must not be recomputed
+    assert not model.model.language_model.gradient_checkpointing
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(plain_loss, rel=1e-12) and grads.keys() == plain_grads.keys()
+    assert any("vision_tower" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
