@@ -20,6 +20,7 @@ from transformers import (
     Qwen2Config,
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from convert import load_internvl, load_tokenizer, pick_attn_implementation
 from utils import UserError
@@ -90,6 +91,23 @@ def tile_size(config: InternVLConfig) -> int:
     return int(config.vision_config.image_size[0])
 
 
+def fuse_rms_norms(model: torch.nn.Module) -> None:
+    """Replace every Qwen2 RMSNorm in `model` by `torch.nn.RMSNorm` over the same weight `Parameter`.
+
+    The function is the same up to rounding (torch normalises float64 inputs in float64, transformers in
+    float32), and parameter names, state dicts and sharding are unchanged. What changes is the cost: on CUDA
+    torch's RMSNorm is one fused kernel forward and one backward, where the transformers module launches about
+    ten elementwise kernels each way, and Coconut's single-column latent passes are bound by kernel launches
+    (README, Benchmarks).
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Qwen2RMSNorm):
+                fused = torch.nn.RMSNorm(child.weight.shape, eps=child.variance_epsilon, device="meta")
+                fused.weight = child.weight
+                setattr(parent, name, fused)
+
+
 def checkpoint_vision_tower(model: InternVLForConditionalGeneration) -> None:
     """Activation checkpointing of the vision tower's layers: their activations are recomputed in backward.
 
@@ -134,7 +152,7 @@ def load_base(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
 ) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Return the base InternVL model (in `dtype`) and its tokenizer, latent tokens included.
+    """Return the base InternVL model (in `dtype`, RMSNorms fused) and its tokenizer, latent tokens included.
 
     `model_id` is "tiny" (random, offline), a local folder in the native or the original InternVL layout, or a
     hub id (downloaded once, then read from the local cache). `attn_implementation` None picks flash-attention 2
@@ -151,6 +169,7 @@ def load_base(
         model = load_internvl(folder, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer = load_tokenizer(folder)
     add_latent_tokens(model, tokenizer, latent_init)
+    fuse_rms_norms(model)
     return model, tokenizer
 
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 import demo_data
 from coconut import Coconut
-from internvl import LATENT_TOKENS, load_base, tile_size
+from internvl import LATENT_TOKENS, fuse_rms_norms, load_base, tile_size
 from utils import Config
 
 LATENTS = (0, 2, 4, 8)
@@ -56,7 +56,7 @@ GENERATE_COLUMNS: list[Column] = [
 
 
 def text_model(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int) -> Qwen2ForCausalLM:
-    """A random Qwen2-shaped causal LM (float32, sdpa attention)."""
+    """A random Qwen2-shaped causal LM (float32, sdpa attention, RMSNorms fused)."""
     config = Qwen2Config(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -68,7 +68,9 @@ def text_model(hidden: int, layers: int, heads: int, kv_heads: int, intermediate
         tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
-    return Qwen2ForCausalLM(config).train()
+    model = Qwen2ForCausalLM(config)
+    fuse_rms_norms(model)  # as load_base builds every model the project trains
+    return model.train()
 
 
 def token_batch(

@@ -22,7 +22,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
 from coconut import Coconut
-from internvl import checkpoint_vision_tower, image_seq_length, load_base, tile_size
+from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, load_base, tile_size
 from utils import Config
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
@@ -94,12 +94,14 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def build_gpu_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> InternVLForConditionalGeneration:
-    """The random InternVL, built on `device` and cast to `dtype` (weights and all: no fp32 master copy)."""
+    """The random InternVL, built on `device` with its RMSNorms fused and cast to `dtype` (weights and all: no
+    fp32 master copy)."""
     config = internvl3_1b_config(tiny)
     config._attn_implementation = attention_implementation(device)
     torch.manual_seed(0)
     with torch.device(device):
         model = InternVLForConditionalGeneration(config)
+    fuse_rms_norms(model)  # as load_base builds every model the project trains
     return model.to(dtype).train()
 
 

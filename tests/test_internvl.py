@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import image_block, make_coconut
 from transformers import InternVLForConditionalGeneration
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from internvl import (
     IMAGE_TOKENS,
@@ -13,6 +16,7 @@ from internvl import (
     add_latent_tokens,
     build_tiny_tokenizer,
     checkpoint_vision_tower,
+    fuse_rms_norms,
     image_seq_length,
     load_base,
     tiny_config,
@@ -101,3 +105,29 @@ def test_vision_checkpointing_recomputes_without_changing_loss_or_gradients():
     assert any("vision_tower" in name for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_rms_norms_keep_names_outputs_and_gradients():
+    model, tokenizer = fresh_model()
+    fused = copy.deepcopy(model)
+    fuse_rms_norms(fused)
+    norms = [m for m in fused.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * fused.config.text_config.num_hidden_layers + 1
+    assert not any(isinstance(m, Qwen2RMSNorm) for m in fused.modules())
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    ids = torch.tensor([tokenizer.encode("a test of the norms", add_special_tokens=False)])
+    outputs = []
+    for m in (model, fused):
+        logits = m(input_ids=ids).logits
+        logits.square().mean().backward()
+        outputs.append((logits, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (logits, grads), (fused_logits, fused_grads) = outputs
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == grads.keys() and any("layernorm" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_load_base_fuses_the_rms_norms():
+    model, _ = load_base("tiny")
+    assert not any(isinstance(m, Qwen2RMSNorm) for m in model.modules())
