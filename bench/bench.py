@@ -2,6 +2,7 @@
 
     python bench/bench.py                             # CPU: two Qwen2-shaped text models and the tiny InternVL
     python bench/bench.py --gpu                       # one GPU: InternVL3-1B shapes in bf16, random weights (~1 min)
+    python bench/bench.py --gpu --batch 64 --checkpointing   # 4x the batch, the vision tower recomputed in backward
     python bench/bench.py --gpu --device cpu --tiny   # the GPU code path on a tiny model, to check that it runs
 
 CPU mode, for each model at n = 0, 2, 4, 8 latents (batch 16, question 48 + n latents + up to 32 answer tokens,
@@ -10,8 +11,9 @@ right-padded as training batches are): Coconut forward+backward against the base
 against the base model's `transformers` `generate` on prompts of the same length; the data loader's records/s
 (`CoconutDataset` + `collate` on PNGs written to a temporary folder) against the training step's samples/s.
 
-GPU mode: samples/s, peak memory and model FLOPs utilisation of a CoT step and of a Coconut stage-3 step
-(c_thought 2: 6 latents replace 3 of the 6 steps), generation throughput, and the data loader on 448-px tiles.
+GPU mode: samples/s, peak memory, model FLOPs utilisation and the kernels' own time and count of a CoT step and
+of a Coconut stage-3 step (c_thought 2: 6 latents replace 3 of the 6 steps), generation throughput, and the data
+loader on 448-px tiles.
 
 Every time is the median of interleaved repeats after warm-up, at fixed threads. A table goes to stdout and all
 numbers to a JSON file (--out).

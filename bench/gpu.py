@@ -1,7 +1,8 @@
 """The GPU benchmark: InternVL3-1B's native shapes with random weights in bf16, on one device.
 
-Samples/s, peak memory and model FLOPs utilisation of a CoT training step and of a Coconut stage-3 step (c_thought
-2: 6 latents replace 3 of the 6 steps), generation throughput, and the data loader on 448-px tiles. `run_gpu` runs
+Samples/s, peak memory, model FLOPs utilisation and the kernels' own time and count (is the GPU or the host the
+bound?) of a CoT training step and of a Coconut stage-3 step (c_thought 2: 6 latents replace 3 of the 6 steps),
+generation throughput, and the data loader on 448-px tiles. `run_gpu` runs
 them in that order and prints a table after each; with `--tiny` the same code runs on a model of the same
 structure shrunk to run on a CPU in seconds, to check the code path rather than to measure.
 """
