@@ -103,6 +103,7 @@ def fuse_rms_norms(model: torch.nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Qwen2RMSNorm):
+                # on "meta": its own weight would only be thrown away for the existing one
                 fused = torch.nn.RMSNorm(child.weight.shape, eps=child.variance_epsilon, device="meta")
                 fused.weight = child.weight
                 setattr(parent, name, fused)

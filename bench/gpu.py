@@ -2,9 +2,9 @@
 
 Samples/s, peak memory, model FLOPs utilisation and the kernels' own time and count (is the GPU or the host the
 bound?) of a CoT training step and of a Coconut stage-3 step (c_thought 2: 6 latents replace 3 of the 6 steps),
-generation throughput, and the data loader on 448-px tiles. `run_gpu` runs
-them in that order and prints a table after each; with `--tiny` the same code runs on a model of the same
-structure shrunk to run on a CPU in seconds, to check the code path rather than to measure.
+generation throughput, and the data loader on 448-px tiles. `run_gpu` runs them in that order and prints a table
+after each; with `--tiny` the same code runs on a model of the same structure shrunk to run on a CPU in seconds,
+to check the code path rather than to measure.
 """
 
 from __future__ import annotations
@@ -194,10 +194,9 @@ def bench_gpu_train(
 ) -> list[dict]:
     """The CoT step through Coconut (no latents), the Coconut stage-3 step and the CoT step through the model's
     own forward (a row marked out of memory where its full logits do not fit), each forward + backward + fused
-    AdamW step on batches already on the model's device: time,
-    samples/s, the GPU kernels' own time and count in one profiled step (a step whose kernels take far less
-    than its wall time waits on the host), the step's memory and the allocator's peak, TFLOP/s and MFU (against
-    `peak`, None: unknown)."""
+    AdamW step on batches already on the model's device: time, samples/s, the GPU kernels' own time and count in
+    one profiled step (a step whose kernels take far less than its wall time waits on the host), the step's
+    memory and the allocator's peak, TFLOP/s and MFU (against `peak`, None: unknown)."""
     model = coconut.base
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
