@@ -167,6 +167,7 @@ def train_epoch(model, optimizer, data, config: Config, progress: Progress, info
         sampler=order,
         collate_fn=partial(collate, pad_id=data.pad_id, latent_id=data.latent_id),
         num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU without blocking the host
     )
     n_micro = math.ceil(len(sampler) / config.batch_size_training)
     total_steps = math.ceil(n_micro / config.gradient_accumulation_steps) * _epochs_until_reset(progress.epoch, config)
@@ -179,7 +180,7 @@ def train_epoch(model, optimizer, data, config: Config, progress: Progress, info
         progress.micro += 1
         last_micro = progress.micro % config.gradient_accumulation_steps == 0 or progress.micro == n_micro
         batch.pop("index")
-        batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
         with _grad_sync(model, last_micro), autocast():
             loss = model(**batch).loss
             (loss / config.gradient_accumulation_steps).backward()

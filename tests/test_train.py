@@ -133,6 +133,13 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_dir):
     assert strip(metrics(tmp_path / "killed")) == strip(metrics(tmp_path / "straight"))
 
 
+def test_loader_workers_train_the_same_weights(tmp_path, data_dir):
+    run(["name=main", "num_epochs=2"], tmp_path, data_dir)
+    run(["name=workers", "num_epochs=2", "num_workers=2"], tmp_path, data_dir)
+    main, workers = weights(tmp_path / "main" / "final"), weights(tmp_path / "workers" / "final")
+    assert all(torch.equal(main[k], workers[k]) for k in main)
+
+
 @pytest.mark.parametrize("mode", ["use_ddp=true", "use_fsdp=true"])
 def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
     common = ["num_epochs=2", "lr=3e-3"]
