@@ -60,6 +60,15 @@ def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.
     return float(total[0] / total[1])
 
 
+def batch_pixels(batch: dict, device: torch.device, blank_images: bool) -> torch.Tensor | None:
+    """The batch's tiles on `device`, zeroed with `blank_images` (how much do answers depend on the image?);
+    None for a text-only batch."""
+    pixel_values = batch["pixel_values"]
+    if pixel_values is None:
+        return None
+    return (torch.zeros_like(pixel_values) if blank_images else pixel_values).to(device)
+
+
 @torch.no_grad()
 def generate_and_score(
     model,
@@ -84,9 +93,7 @@ def generate_and_score(
     batches = _batches(data, batch_size, rank, world)
     total = -(-len(shard(len(data), rank, world)) // batch_size)
     for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
-        pixel_values = batch["pixel_values"]
-        if pixel_values is not None:
-            pixel_values = (torch.zeros_like(pixel_values) if blank_images else pixel_values).to(device)
+        pixel_values = batch_pixels(batch, device, blank_images)
         start = time.perf_counter()
         with autocast():
             out = generate(

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 import report
 from coconut import Coconut
 from dataset import CoconutDataset, collate
-from evaluate import generate_and_score, summarize
+from evaluate import batch_pixels, generate_and_score, summarize
 from run import autocast_context, build_model, open_dataset
 from utils import Config, UserError
 
@@ -87,14 +87,6 @@ def _autocast(exported: Exported, device: torch.device) -> Callable:
     return autocast_context(dataclasses.replace(exported.config, use_fsdp=False), device)
 
 
-def _pixels(batch: dict, device: torch.device, blank_images: bool) -> torch.Tensor | None:
-    """The batch's tiles on `device`, zeroed with `blank_images`; None for text-only batches."""
-    pixel_values = batch["pixel_values"]
-    if pixel_values is None:
-        return None
-    return (torch.zeros_like(pixel_values) if blank_images else pixel_values).to(device)
-
-
 @torch.no_grad()
 def answer(
     exported: Exported, prompts: CoconutDataset, batch_size: int, device: torch.device, blank_images: bool = False
@@ -110,7 +102,7 @@ def answer(
         exported.model.generate(
             first["input_ids"].to(device),
             first["attention_mask"].to(device),
-            pixel_values=_pixels(first, device, blank_images),
+            pixel_values=batch_pixels(first, device, blank_images),
             max_new_tokens=1,
         )
     return generate_and_score(
@@ -152,7 +144,7 @@ def probe_thoughts(
         latent = input_ids == prompts.latent_id
         with autocast():
             embeds = exported.model(
-                input_ids, batch["attention_mask"].to(device), pixel_values=_pixels(batch, device, blank_images)
+                input_ids, batch["attention_mask"].to(device), pixel_values=batch_pixels(batch, device, blank_images)
             ).inputs_embeds
             # float before the softmax: bf16 probabilities over a large vocabulary round badly
             top = head(embeds[latent]).float().softmax(-1).topk(k)
