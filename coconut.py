@@ -34,9 +34,17 @@ class CoconutOutput:
     training step never pays for them. Without labels they are computed in the forward.
     """
 
-    def __init__(self, loss: torch.Tensor | None, inputs_embeds: torch.Tensor, hidden: torch.Tensor, head: nn.Module):
+    def __init__(
+        self,
+        loss: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        head: nn.Module,
+        labelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
         self.loss, self.inputs_embeds = loss, inputs_embeds
         self._hidden, self._head, self._logits = hidden, head, None
+        self._labelled = labelled  # (logits at the labelled positions, shifted labels, their mask)
         self._grad = torch.is_grad_enabled()
         device = hidden.device.type
         self._autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -48,6 +56,16 @@ class CoconutOutput:
             with torch.set_grad_enabled(self._grad), torch.autocast(device, dtype, enabled=enabled):
                 self._logits = self._head(self._hidden)
         return self._logits
+
+    def example_losses(self) -> torch.Tensor:
+        """Each row's mean cross-entropy over its labelled positions (0 for a row without labels), from the
+        logits the loss was computed on: per-example losses without the B x T x V logits. Needs labels."""
+        if self._labelled is None:
+            raise ValueError("example_losses needs the labels passed to forward")
+        logits, targets, keep = self._labelled
+        token = F.cross_entropy(logits, targets[keep], reduction="none")
+        per_row = torch.zeros(keep.shape, dtype=token.dtype, device=token.device).masked_scatter(keep, token)
+        return per_row.sum(1) / keep.sum(1).clamp(min=1)
 
 
 class Coconut(nn.Module):
@@ -185,7 +203,7 @@ class Coconut(nn.Module):
             position_ids = positions_from_mask(attention_mask)
         hidden, embeds, _ = self._prefill(input_ids, attention_mask, pixel_values, position_ids, input_ids.shape[1])
         head = self.base.get_output_embeddings()
-        loss = None
+        loss = labelled = None
         if labels is not None:
             # logits only where there is a label to predict: the rest of the B x T x V tensor is never needed
             targets = labels[:, 1:]
@@ -194,7 +212,8 @@ class Coconut(nn.Module):
             # at least float32: a bf16 softmax over 150k classes loses the loss's precision
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(logits, targets[keep])
-        output = CoconutOutput(loss, embeds, hidden, head)
+            labelled = (logits, targets, keep)
+        output = CoconutOutput(loss, embeds, hidden, head, labelled)
         if labels is None:  # whoever asks without labels wants the logits: compute them within the forward call
             _ = output.logits
         return output

@@ -47,13 +47,8 @@ def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.
         batch.pop("index")
         batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
         with autocast():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        # per-example losses, so that uncounted repeats can be left out
-        labels = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
-        )
-        per_example = token_loss.sum(1) / (labels != -100).sum(1).clamp(min=1)
+            # per-example losses, so that uncounted repeats can be left out
+            per_example = model(**batch).example_losses()
         total += torch.stack([(per_example * counted).sum(), counted.sum()]).double()
     if is_distributed():
         dist.all_reduce(total)

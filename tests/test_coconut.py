@@ -105,6 +105,20 @@ def test_forward_matches_reference(tiny_base, layout):
     )
 
 
+def test_example_losses_match_per_row_losses_of_the_reference(tiny_base):
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["misaligned_right_pad"])
+    labels[1] = -100  # a row without labels counts 0
+    with torch.no_grad():
+        losses = model(ids, mask, labels=labels, pixel_values=pixels).example_losses()
+        ref = reference_logits(base, ids, mask, pixels, model.latent_token_id)
+    expected = [shifted_loss(ref[i : i + 1], labels[i : i + 1]) for i in (0, 2)]
+    torch.testing.assert_close(losses, torch.stack([expected[0], torch.zeros_like(expected[0]), expected[1]]))
+    with pytest.raises(ValueError, match="needs the labels"):
+        model(ids, mask, pixel_values=pixels).example_losses()
+
+
 def test_no_latents_equals_plain_internvl(tiny_base):
     """Without latents Coconut is exactly InternVL's own forward (image features placed as InternVL does)."""
     base, tokenizer = tiny_base
