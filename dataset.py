@@ -402,3 +402,9 @@ def collate(batch: list[dict], pad_id: int, latent_id: int) -> dict:
     if "labels" in batch[0]:
         out["labels"] = labels
     return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch's tensors on `device` (a text-only batch's pixel_values stay None). The copies do not
+    block the host: from pinned memory they overlap with the work already queued."""
+    return {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dataset import CoconutDataset, collate
+from dataset import CoconutDataset, collate, to_device
 from scoring import extract_answer, is_correct
 from utils import gather_objects, is_distributed, rank_world
 
@@ -45,7 +45,7 @@ def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.
     for batch in _batches(data, batch_size, rank, world):
         counted = batch.pop("counted").to(device)
         batch.pop("index")
-        batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast():
             # per-example losses, so that uncounted repeats can be left out
             per_example = model(**batch).example_losses()

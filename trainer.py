@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import checkpoint
 import report
-from dataset import CoconutDataset, collate, stage_for_epoch
+from dataset import CoconutDataset, collate, stage_for_epoch, to_device
 from evaluate import generate_and_score, summarize, validation_loss
 from utils import Config, DistInfo, UserError, is_distributed
 
@@ -180,7 +180,7 @@ def train_epoch(model, optimizer, data, config: Config, progress: Progress, info
         progress.micro += 1
         last_micro = progress.micro % config.gradient_accumulation_steps == 0 or progress.micro == n_micro
         batch.pop("index")
-        batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+        batch = to_device(batch, device)
         with _grad_sync(model, last_micro), autocast():
             loss = model(**batch).loss
             (loss / config.gradient_accumulation_steps).backward()
