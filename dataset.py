@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from internvl import LATENT_TOKENS
+from scoring import choice_index
 from utils import Config, UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -81,6 +82,17 @@ def record_problem(record: object) -> str | None:
         image is None or isinstance(image, str) or (isinstance(image, list) and all(isinstance(p, str) for p in image))
     ):
         return "'image' must be a path, a list of paths or null"
+    choices = record.get("choices")
+    if choices is not None and not (
+        isinstance(choices, list) and all(isinstance(c, str) and c.strip() for c in choices)
+    ):
+        return "'choices' must be a list of non-empty strings"
+    if record.get("meta") is not None and not isinstance(record["meta"], dict):
+        return "'meta' must be an object (a mapping of key: value)"
+    # checked here so a bad answer stops the run before training, not at the first evaluation's scoring
+    if choices and choice_index(record["answer"], choices) is None:
+        answer, count = record["answer"], len(choices)
+        return f"answer {answer!r} names none of the {count} choices; the answer must be an option's letter or its text"
     return None
 
 
@@ -254,10 +266,21 @@ def tokenize_record(
     return TokenizedRecord(prompt, steps, answer, paths, counts)
 
 
+def has_markers(config: Config) -> bool:
+    """Whether sequences carry <|start-latent|> and <|end-latent|>: in coconut mode, unless no_thoughts."""
+    return config.coconut and not config.no_thoughts
+
+
 def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
-    """The longest training sequence a record can give at any stage (all steps plus the most latents)."""
-    latents = 2 + config.max_latent_stage * config.c_thought if config.coconut else 0
-    return len(tokens.prompt) + latents + sum(map(len, tokens.steps)) + len(tokens.answer)
+    """The length of the longest training sequence the record gives at any stage: stage 0 for cot and no_cot,
+    stages 0..max_latent_stage for coconut, each laid out by `stage_plan` as `CoconutDataset` builds it (markers,
+    that stage's latents, the steps it keeps). Later stages and uniform_prob's draws give nothing longer: past
+    max_latent_stage every step goes and the latent count stays at its maximum."""
+    last = config.max_latent_stage if config.coconut else 0
+    plans = (stage_plan(stage, len(tokens.steps), config) for stage in range(last + 1))
+    middle = max(latents + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
+    markers = 2 if has_markers(config) else 0
+    return len(tokens.prompt) + markers + middle + len(tokens.answer)
 
 
 class CoconutDataset(torch.utils.data.Dataset):
@@ -359,8 +382,7 @@ class CoconutDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         tokens = self.tokens[index]
         removed, n_latents = stage_plan(self.item_stage(index), len(tokens.steps), self.config)
-        markers = self.config.coconut and not self.config.no_thoughts
-        thought = [self.start_id] + [self.latent_id] * n_latents + [self.end_id] if markers else []
+        thought = [self.start_id] + [self.latent_id] * n_latents + [self.end_id] if has_markers(self.config) else []
         prompt = tokens.prompt + thought
         item = {"index": index, "pixel_values": self.pixel_values(index)}
         if self.for_generation:

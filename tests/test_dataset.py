@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,9 +13,22 @@ from conftest import make_coconut
 from PIL import Image
 
 import dataset
-from dataset import CoconutDataset, collate, load_records, num_tiles, stage_for_epoch, stage_plan, tile_grid, tile_image
+from dataset import (
+    CoconutDataset,
+    collate,
+    load_records,
+    longest_sequence,
+    num_tiles,
+    record_problem,
+    stage_for_epoch,
+    stage_plan,
+    tile_grid,
+    tile_image,
+)
 from internvl import LATENT_TOKENS, image_seq_length, tile_size
+from scoring import is_correct
 from utils import Config, UserError
+from validate import find_problems
 
 
 @pytest.mark.parametrize(
@@ -168,6 +183,86 @@ def test_bad_records_name_the_record(tmp_path, tiny_base):
     with pytest.raises(UserError, match="record 0 .*nope.png not found"):
         base, tokenizer = tiny_base
         CoconutDataset(write_data(tmp_path, [missing]), tokenizer, Config(cot=True), 64, 16)
+
+
+MULTIPLE_CHOICE = dict(RECORDS[0], choices=["eight", "nine"], answer="B", meta={"dataset": "demo"})
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"choices": "A or B"}, "'choices' must be a list of non-empty strings"),
+        ({"choices": ["eight", 9]}, "'choices' must be a list of non-empty strings"),
+        ({"choices": ["eight", " "]}, "'choices' must be a list of non-empty strings"),
+        ({"meta": ["demo"]}, "'meta' must be an object"),
+        ({"answer": "C"}, "answer 'C' names none of the 2 choices; the answer must be an option's letter or its text"),
+        ({"answer": "ten"}, "answer 'ten' names none of the 2 choices"),
+    ],
+)
+def test_bad_choices_and_meta_are_record_problems(tmp_path, tiny_base, keys, message):
+    # each of these used to load and train, then crash or mislead scoring at the first evaluation
+    bad = MULTIPLE_CHOICE | keys
+    assert record_problem(bad).startswith(message)
+    path = write_data(tmp_path, [MULTIPLE_CHOICE, bad])
+    with pytest.raises(UserError, match=re.escape(f"record 1 (id 'a'): {message}")):
+        load_records(path)
+    base, tokenizer = tiny_base
+    count, problems = find_problems(
+        path, Config(cot=True), tokenizer, tile_size(base.config), image_seq_length(base.config)
+    )
+    assert count == 2 and problems == [f"{path}: record 1 (id 'a'): {record_problem(bad)}"]
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {},
+        {"answer": "b"},
+        {"answer": "(B)"},
+        {"answer": "Nine"},
+        {"answer": "(B) nine"},
+        {"choices": []},
+        {"meta": None},
+    ],
+)
+def test_answers_naming_an_option_pass_and_score(keys):
+    record = MULTIPLE_CHOICE | keys
+    assert record_problem(record) is None
+    assert is_correct("(B)", record["answer"], record["choices"])  # scoring takes it without a ValueError
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"coconut": False, "cot": True},
+        {"coconut": False, "no_cot": True},
+        {},
+        {"no_thoughts": True},
+        {"pad_latent_to_max": True},
+        {"max_latent_stage": 0},
+    ],
+    ids=["cot", "no_cot", "coconut", "no_thoughts", "pad_latent_to_max", "max_latent_stage_0"],
+)
+def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_base, keys):
+    # steps of very different lengths, so the longest stage differs between records and modes
+    records = [
+        dict(RECORDS[0], steps=["a b c d e f g h", "s2", "a b c d e f g h i j k l m n o p"]),
+        dict(RECORDS[1], steps=["t1"]),
+        dict(RECORDS[2], steps=["u1 u1 u1 u1 u1 u1 u1 u1 u1 u1", "u2"]),
+    ]
+    base, tokenizer = tiny_base
+    config = Config(**({"coconut": True, "c_thought": 3, "max_latent_stage": 2} | keys))
+    path = write_data(tmp_path, records, sizes=((64, 64), (128, 64)))
+    data = CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
+    built = [0] * len(data)
+    for epoch in range(config.num_epochs):  # as the trainer walks the curriculum (stages 0..9 here)
+        data.set_epoch(epoch)
+        built = [max(n, len(data[i]["input_ids"])) for i, n in enumerate(built)]
+    assert [longest_sequence(tokens, config) for tokens in data.tokens] == built
+    # a record exactly at max_length is kept
+    config = dataclasses.replace(config, max_length=max(built))
+    fits = CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
+    assert len(fits) == len(records)
 
 
 def test_stage_for_epoch_with_a_longer_first_stage():
