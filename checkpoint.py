@@ -146,9 +146,26 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         path.unlink()
 
 
+def _read_state(path: Path | str) -> dict:
+    """A checkpoint file's contents; a file that is not one of this repo's checkpoints stops with one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many kinds (pickle, zip, runtime) for a file it cannot read
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}); give a checkpoint_<N>.pt") from None
+    if not isinstance(state, dict) or not {"model", "progress"} <= set(state):
+        raise UserError(f"{path}: not a checkpoint written by run.py; give a checkpoint_<N>.pt or an exported folder")
+    return state
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG state from `path`; return this rank's progress dict."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Restore model, optimizer and this rank's RNG state from `path`; return this rank's progress dict.
+
+    Only a job of as many processes as wrote it can resume it: the progress and data order are per rank.
+    """
+    state = _read_state(path)
+    written, world = len(state["progress"]), rank_world()[1]
+    if written != world:
+        raise UserError(f"{path}: written by {written} process(es), this job has {world}; resume with {written}")
     set_state_dict(
         model,
         [optimizer],
@@ -162,8 +179,12 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
 
 def load_model_weights(path: str, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint file into `model` (used to start from a CoT checkpoint)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    state = _read_state(path)
+    try:
+        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path}: its weights do not fit this model ({first[:200]}); check model_id") from None
 
 
 def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, folder: Path, run: dict) -> None:

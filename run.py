@@ -9,6 +9,7 @@ This file sets up the job (config, processes, model, parallel wrapping); trainer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +46,21 @@ def setup_distributed(config: Config) -> tuple[DistInfo, torch.device]:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return info, device
+
+
+def check_parallel(config: Config, info: DistInfo, path: str) -> Config:
+    """The config with its parallel wrapping checked against the number of processes. Several processes need
+    use_ddp or use_fsdp (unwrapped, each would train its own copy of the model); one process needs neither, so
+    `python run.py` runs a torchrun config on one device, unwrapped, and says so."""
+    if info.world_size > 1 and not (config.use_ddp or config.use_fsdp):
+        raise UserError(
+            f"{path}: {info.world_size} processes but neither use_ddp nor use_fsdp is true; set one "
+            "(each process would otherwise train its own copy of the model)"
+        )
+    if info.world_size == 1 and (config.use_ddp or config.use_fsdp):
+        print(f"one process: {'use_ddp' if config.use_ddp else 'use_fsdp'} has no effect, the model runs unwrapped")
+        return dataclasses.replace(config, use_ddp=False, use_fsdp=False)
+    return config
 
 
 def build_model(config: Config) -> tuple[Coconut, object]:
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, args.overrides)
         info, device = setup_distributed(config)
+        config = check_parallel(config, info, args.config)
         seed_everything(config.seed)
         if config.generate_demo_data and not Path(config.train_path).exists():
             import demo_data
@@ -140,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
             model = parallelize(model, config, device)
             trainer.train(config, info, device, model, base, tokenizer, data, autocast_context(config, device))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # a loader worker's error arrives wrapped in the worker's traceback, whose last line holds the message
+        message = str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -97,13 +97,19 @@ def train(
     optimizer = make_optimizer(model, config)
     logger = report.MetricsLog(folder, config, info.is_main)
     progress = Progress()
+    if config.resume == "none" and (any(folder.glob("checkpoint_*.pt")) or logger.path.exists()):
+        raise UserError(
+            f"{folder} already holds a run (checkpoints or metrics.jsonl); set resume=auto to continue it, or "
+            "choose another name or save_path"
+        )
     latest = checkpoint.latest_checkpoint(folder) if config.resume == "auto" else None
     if latest is not None:
         progress = Progress(**checkpoint.load_checkpoint(latest, model, optimizer))
-        logger.drop_from(progress.epoch)
         if info.is_main:
             print(f"resumed from {latest} (epoch {progress.epoch}, micro-batch {progress.micro})")
+    logger.drop_from(progress.epoch)  # the epochs this run (re)does, all of them when no checkpoint was found
     stop = StopFlag()
+    samples = math.ceil(len(train_data) / info.world_size)  # per rank, as DistributedSampler deals them
 
     for epoch in range(progress.epoch, config.num_epochs):
         stage = stage_for_epoch(epoch, config)
@@ -115,14 +121,17 @@ def train(
         for dataset in (train_data, val_data, val_prompts):
             dataset.set_epoch(epoch)
         progress.epoch = epoch
-        start = time.perf_counter()
-        finished = train_epoch(model, optimizer, train_data, stage_config, progress, info, device, autocast, stop)
+        start, samples_before = time.perf_counter(), progress.samples  # a resumed epoch counts from here
+        total_steps = _schedule_steps(epoch, config, samples)
+        finished = train_epoch(
+            model, optimizer, train_data, stage_config, total_steps, progress, info, device, autocast, stop
+        )
         if not finished:
             path = checkpoint.save_checkpoint(folder, progress, model, optimizer)
             if info.is_main:
                 print(f"stopped by signal: wrote {path}; continue with resume=auto", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT)
-        samples_per_s = progress.samples * info.world_size / (time.perf_counter() - start)
+        samples_per_s = (progress.samples - samples_before) * info.world_size / (time.perf_counter() - start)
         metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, device)}
         metrics["val_loss"] = validation_loss(model, val_data, config.eval_batch_size, device, autocast)
         rows = generate_and_score(
@@ -152,11 +161,15 @@ def train(
         print(f"plot: {report.plot_metrics(logger.path, folder / 'metrics.png')}")
 
 
-def train_epoch(model, optimizer, data, config: Config, progress: Progress, info, device, autocast, stop) -> bool:
-    """Train the rest of the current epoch (from `progress.micro`); False when a stop signal ended it early.
+def train_epoch(
+    model, optimizer, data, config: Config, total_steps: int, progress: Progress, info, device, autocast, stop
+) -> bool:
+    """Train the rest of the current epoch (from `progress.micro`) with the stage's `config`, the learning rate
+    following a schedule of `total_steps` optimizer steps; False when a stop signal ended it early.
 
     The data order depends only on seed and epoch, so a resumed epoch skips exactly the micro-batches that the
-    interrupted run had trained.
+    interrupted run had trained. Each optimizer step averages the micro-batch losses of its accumulation group,
+    the epoch's last group too when it is shorter.
     """
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
     sampler.set_epoch(progress.epoch)
@@ -170,26 +183,29 @@ def train_epoch(model, optimizer, data, config: Config, progress: Progress, info
         pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU without blocking the host
     )
     n_micro = math.ceil(len(sampler) / config.batch_size_training)
-    total_steps = math.ceil(n_micro / config.gradient_accumulation_steps) * _epochs_until_reset(progress.epoch, config)
+    accumulate = config.gradient_accumulation_steps
     model.train()
     bar = tqdm(
         loader, desc=f"epoch {progress.epoch} stage {data.stage}", disable=not info.is_main, leave=False,
         initial=progress.micro, total=n_micro,
     )  # fmt: skip
     for batch in bar:
+        group_start = progress.micro // accumulate * accumulate
+        group = min(accumulate, n_micro - group_start)
         progress.micro += 1
-        last_micro = progress.micro % config.gradient_accumulation_steps == 0 or progress.micro == n_micro
+        last_micro = progress.micro == group_start + group
         batch.pop("index")
         batch = to_device(batch, device)
         with _grad_sync(model, last_micro), autocast():
             loss = model(**batch).loss
-            (loss / config.gradient_accumulation_steps).backward()
+            (loss / group).backward()
         progress.losses.append(loss.item())
         progress.samples += batch["input_ids"].shape[0]
         if not last_micro:
             continue
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(progress.step, total_steps, config)
+        for param_group in optimizer.param_groups:  # both may change with the stage (stage_overrides)
+            param_group["lr"] = config.lr * lr_factor(progress.step, total_steps, config)
+            param_group["weight_decay"] = config.weight_decay
         # the norm is global (DDP and FSDP2 gradients are synchronised), so every rank takes the same branch
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         if torch.isfinite(norm):
@@ -221,12 +237,19 @@ def _mean_across_ranks(values: list[float], device: torch.device) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _epochs_until_reset(epoch: int, config: Config) -> int:
-    """Epochs the learning-rate schedule spans: to the stage's end with reset_optimizer, else to the run's end."""
-    if not config.reset_optimizer:
-        return config.num_epochs
+def _schedule_steps(epoch: int, config: Config, samples: int) -> int:
+    """Optimizer steps the learning-rate schedule spans at `epoch`: those of the epochs from the last optimizer
+    reset to the next (the stage's with reset_optimizer, else the run's), each epoch at its own stage's batch size
+    and accumulation, for `samples` training records per rank."""
     stage = stage_for_epoch(epoch, config)
-    return sum(1 for e in range(config.num_epochs) if stage_for_epoch(e, config) == stage)
+    total = 0
+    for e in range(config.num_epochs):
+        e_stage = stage_for_epoch(e, config)
+        if config.reset_optimizer and e_stage != stage:
+            continue
+        e_config = config.for_stage(e_stage)
+        total += math.ceil(math.ceil(samples / e_config.batch_size_training) / e_config.gradient_accumulation_steps)
+    return total
 
 
 def _grad_sync(model: torch.nn.Module, sync: bool):

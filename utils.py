@@ -185,10 +185,13 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
         key, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"command line: '{item}' is not key=value; write e.g. lr=1e-4")
-        raw[key] = (yaml.safe_load(text) if text else "", "command line")
+        raw[key] = (_parse_value(text, key, "command line") if text else "", "command line")
     values = {}
     for key, (value, where) in raw.items():
-        value = _check_value(key, _substitute_env(value, key, where), where)
+        substituted = _substitute_env(value, key, where)
+        if substituted != value and key in _FIELDS and _FIELDS[key].type not in ("str", "dict"):
+            substituted = _parse_value(substituted, key, where)  # num_epochs: ${EPOCHS} is an integer, not text
+        value = _check_value(key, substituted, where)
         if key == "stage_overrides":
             value = _check_stage_overrides(value, where)
         values[key] = value
@@ -197,22 +200,58 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
     return config
 
 
+def _parse_value(text: str, key: str, where: str) -> Any:
+    """A value given as text (a command-line override, a substituted `${VAR}`) read as YAML reads it."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"{where}: the value of '{key}' is not valid YAML ({text!r}); quote it") from None
+
+
+# What the training loop reads per stage; every other key (data layout, evaluation, modes) holds for the whole run.
+STAGE_KEYS = (
+    "epochs_per_stage",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "lr_schedule",
+    "max_grad_norm",
+    "batch_size_training",
+    "gradient_accumulation_steps",
+    "num_workers",
+    "max_nonfinite_steps",
+)
+
+
 def _check_stage_overrides(value: dict, where: str) -> dict[int, dict]:
-    """Validate `stage_overrides`: integer stages mapping to valid keys (no mode or path keys)."""
-    fixed = {"coconut", "cot", "no_cot", "no_thoughts", "stage_overrides", "use_fsdp", "use_ddp", "model_id"}
+    """Validate `stage_overrides`: integer stages mapping to valid values of the keys in STAGE_KEYS."""
     checked = {}
     for stage, keys in value.items():
         if not isinstance(stage, int) or not isinstance(keys, dict):
             raise UserError(f"{where}: stage_overrides must map stage numbers to key: value mappings")
         for key in keys:
-            if key in fixed:
-                raise UserError(f"{where}: stage_overrides cannot change '{key}'; set it at the top level")
+            if key in _FIELDS and key not in STAGE_KEYS:
+                raise UserError(
+                    f"{where}: stage_overrides cannot change '{key}' (it holds for the whole run); set it at the "
+                    f"top level. Per stage: {', '.join(STAGE_KEYS)}"
+                )
         checked[stage] = {key: _check_value(key, v, f"{where} (stage_overrides {stage})") for key, v in keys.items()}
     return checked
 
 
 def _check_modes(config: Config, where: str) -> None:
-    """Reject contradictory or out-of-range settings with one line naming the keys."""
+    """Reject contradictory or out-of-range settings with one line naming the keys, also in the config of every
+    stage that `stage_overrides` changes."""
+    _check_values(config, where)
+    stages = sorted(config.stage_overrides)
+    for stage in stages:
+        _check_values(config.for_stage(stage), f"{where} (stage_overrides {stage})", last_stage=stage == stages[-1])
+
+
+def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
+    """The checks of `_check_modes` on one stage's config. Only the last overridden stage must last an epoch:
+    an earlier one may be skipped (`0: {epochs_per_stage: 0}` starts a Coconut run from a CoT model at stage 1),
+    but the curriculum has to reach a stage that lasts."""
     modes = [m for m in ("coconut", "cot", "no_cot") if getattr(config, m)]
     if len(modes) != 1:
         got = " and ".join(modes) if modes else "none"
@@ -232,14 +271,20 @@ def _check_modes(config: Config, where: str) -> None:
             raise UserError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     positive = (
         "c_thought",
-        "epochs_per_stage",
         "num_epochs",
         "batch_size_training",
         "gradient_accumulation_steps",
+        "max_num_tiles",
+        "eval_batch_size",
+        "max_new_tokens",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
     )
-    for key in positive + ("max_num_tiles",):
+    for key in positive + (("epochs_per_stage",) if last_stage else ()):
         if getattr(config, key) < 1:
             raise UserError(f"{where}: {key} must be at least 1, got {getattr(config, key)}")
+    if config.epochs_per_stage < 0:
+        raise UserError(f"{where}: epochs_per_stage must be at least 0, got {config.epochs_per_stage}")
     if config.max_latent_stage < 0:
         raise UserError(f"{where}: max_latent_stage must be at least 0, got {config.max_latent_stage}")
     if not 0.0 <= config.uniform_prob <= 1.0:
@@ -247,6 +292,12 @@ def _check_modes(config: Config, where: str) -> None:
     for key in ("{image}", "{question}"):
         if key not in config.prompt_template:
             raise UserError(f"{where}: prompt_template must contain {key}")
+    try:
+        config.prompt_template.format(image="", question="")
+    except (KeyError, IndexError, ValueError):
+        raise UserError(
+            f"{where}: prompt_template may name only {{image}} and {{question}}; write other braces as {{{{ and }}}}"
+        ) from None
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:

@@ -23,6 +23,20 @@ def test_base_config_env_and_overrides(tmp_path, monkeypatch):
     assert config.batch_size_training == Config().batch_size_training  # defaults fill the rest
 
 
+def test_environment_variables_fill_typed_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPOCHS", "5")
+    monkeypatch.setenv("BF16", "true")
+    monkeypatch.setenv("LR", "1e-4")
+    config = load_config(write(tmp_path, "a.yaml", "cot: true\nnum_epochs: ${EPOCHS}\nbf16: ${BF16}\nlr: ${LR}\n"))
+    assert (config.num_epochs, config.bf16, config.lr) == (5, True, 1e-4)
+
+
+def test_a_skipped_first_stage_loads(tmp_path):
+    text = "coconut: true\nstage_overrides: {0: {epochs_per_stage: 0}, 1: {epochs_per_stage: 3}}\n"
+    config = load_config(write(tmp_path, "a.yaml", text))
+    assert [config.for_stage(s).epochs_per_stage for s in (0, 1, 2)] == [0, 3, 3]
+
+
 def test_stage_overrides_apply_from_their_stage_on(tmp_path):
     path = write(tmp_path, "a.yaml", "coconut: true\nlr: 0.1\nstage_overrides:\n  2: {lr: 0.01}\n  4: {lr: 0.001}\n")
     config = load_config(path)
@@ -47,8 +61,20 @@ def test_stage_overrides_apply_from_their_stage_on(tmp_path):
         ("coconut: true\nstage_overrides: {1: {lr: x}}\n", [], r"\(stage_overrides 1\): key 'lr' must be a number"),
         ("no_thoughts: true\ncot: true\n", [], "no_thoughts is an ablation of the coconut curriculum"),
         ("base_config: missing.yaml\ncot: true\n", [], "base_config file .*missing.yaml does not exist"),
+        ("coconut: true\nstage_overrides: {2: {c_thought: 2}}\n", [], "stage_overrides cannot change 'c_thought'"),
+        ("coconut: true\nstage_overrides: {1: {gradient_accumulation_steps: 0}}\n", [],
+         r"\(stage_overrides 1\): gradient_accumulation_steps must be at least 1"),
+        ("coconut: true\nstage_overrides: {1: {lr_schedule: cosin}}\n", [], "lr_schedule must be one of"),
+        # a curriculum whose stages from 1 on last no epoch would never end
+        ("coconut: true\nstage_overrides: {1: {epochs_per_stage: 0}}\n", [], "epochs_per_stage must be at least 1"),
+        ("coconut: true\nstage_overrides: {0: {epochs_per_stage: -1}, 1: {epochs_per_stage: 1}}\n", [],
+         r"\(stage_overrides 0\): epochs_per_stage must be at least 0"),
+        ("cot: true\nkeep_checkpoints: 0\n", [], "keep_checkpoints must be at least 1"),
+        ("cot: true\n", ["eval_batch_size=0"], "eval_batch_size must be at least 1"),
+        ("cot: true\nprompt_template: '{image}Q: {question} {answer}'\n", [], "prompt_template may name only"),
+        ("cot: true\n", ["name=[x"], r"command line: the value of 'name' is not valid YAML \('\[x'\); quote it"),
     ],
-)
+)  # fmt: skip
 def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, message):
     monkeypatch.delenv("NOPE_UNSET", raising=False)
     path = write(tmp_path, "a.yaml", text)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from test_train import ROOT, metrics, run, weights
 
+import checkpoint
 import demo_data
 import run as run_module
 from coconut import Coconut
@@ -296,3 +297,27 @@ def _is_rank(pid: int, launcher: int, rank: str) -> bool:
         return False
     parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
     return parent == launcher and f"RANK={rank}".encode() in environ
+
+
+def test_a_file_that_is_not_a_fitting_checkpoint_stops_with_one_line(tmp_path):
+    torch.manual_seed(0)
+    base, tokenizer = load_base("tiny")
+    model = Coconut(base, *tokenizer.convert_tokens_to_ids(["<|latent|>", "<|start-latent|>", "<|end-latent|>"]), 0)
+    garbage, foreign, wrong_shape, two_ranks = (tmp_path / f"{n}.pt" for n in ("garbage", "foreign", "shape", "ranks"))
+    garbage.write_bytes(b"not a checkpoint")
+    torch.save({"weights": {}}, foreign)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    state[name] = torch.zeros(3, 3)
+    torch.save({"model": state, "progress": [{}]}, wrong_shape)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "progress": [{}, {}], "rng": [{}, {}]}, two_ranks)
+    cases = [
+        (checkpoint.load_model_weights, garbage, "garbage.pt: not a readable checkpoint"),
+        (checkpoint.load_model_weights, foreign, "foreign.pt: not a checkpoint written by run.py"),
+        (checkpoint.load_model_weights, wrong_shape, "shape.pt: its weights do not fit this model"),
+        (lambda p, m: checkpoint.load_checkpoint(p, m, None), two_ranks, "written by 2 process.*resume with 2"),
+    ]
+    for load, path, message in cases:
+        with pytest.raises(UserError, match=message) as err:
+            load(str(path), model)
+        assert "\n" not in str(err.value)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_coconut
 from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import demo_data
+import trainer
+from dataset import CoconutDataset, collate
 from evaluate import shard
-from internvl import LATENT_TOKENS
+from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
+from utils import Config, DistInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +36,9 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int = 0, wait: bool = True):
-    """Start run.py on args/demo.yaml with a small, fast setting; torchrun when nproc > 0."""
+def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int = 0, wait: bool = True, status: int = 0):
+    """Start run.py on args/demo.yaml with a small, fast setting; torchrun when nproc > 0. With `wait`, check
+    that it exits with `status`."""
     settings = [
         f"train_path={data}/train.jsonl",
         f"val_path={data}/val.jsonl",
@@ -54,7 +62,7 @@ def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int =
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == status, done.stderr[-3000:]
     return done
 
 
@@ -154,3 +162,74 @@ def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
     distance = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "multi" / "final"))
     moved = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "single" / "stage_0"))
     assert distance < 0.25 * moved
+
+
+def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir):
+    # 32 records in micro-batches of 8, accumulating 3: optimizer steps over micro-batches [0, 1, 2] and [3]
+    torch.manual_seed(0)
+    base, tokenizer = load_base("tiny")
+    config = Config(cot=True, batch_size_training=8, gradient_accumulation_steps=3, lr=0.5, weight_decay=0.0)
+    config.max_grad_norm = 1e9
+    data = CoconutDataset(
+        str(data_dir / "train.jsonl"), tokenizer, config, tile_size(base.config), image_seq_length(base.config)
+    )
+    data.set_epoch(0)
+    model = make_coconut(base, tokenizer)
+    reference = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    never = type("Never", (), {"requested": lambda self, device: False})()
+    finished = trainer.train_epoch(
+        model, optimizer, data, config, 2, trainer.Progress(), DistInfo(0, 0, 1), torch.device("cpu"),
+        trainer.nullcontext, never,
+    )  # fmt: skip
+    assert finished
+
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    params = list(reference.parameters())
+    for group in ([0, 1, 2], [3]):
+        total = [torch.zeros_like(p) for p in params]
+        for micro in group:
+            batch = collate([data[i] for i in order[8 * micro : 8 * micro + 8]], data.pad_id, data.latent_id)
+            batch.pop("index")
+            grads = torch.autograd.grad(reference(**batch).loss, params, allow_unused=True)
+            total = [t + (g if g is not None else 0) / len(group) for t, g in zip(total, grads)]
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p -= config.lr * g
+    for trained, expected in zip(model.parameters(), params):
+        torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_schedule_spans_each_epochs_own_steps():
+    # 8 records per rank in micro-batches of 2: 4 optimizer steps an epoch, 2 once stage 2 accumulates 2
+    config = Config(
+        coconut=True, num_epochs=4, batch_size_training=2, stage_overrides={2: {"gradient_accumulation_steps": 2}}
+    )
+    assert [trainer._schedule_steps(e, config, 8) for e in range(4)] == [12] * 4
+    config.reset_optimizer = True
+    assert [trainer._schedule_steps(e, config, 8) for e in range(4)] == [4, 4, 2, 2]
+
+
+def test_one_process_runs_a_torchrun_config_and_a_rerun_asks_for_resume(tmp_path, data_dir):
+    done = run(["name=one", "use_fsdp=true", "num_epochs=1"], tmp_path, data_dir)
+    assert "use_fsdp has no effect" in done.stdout
+    again = run(["name=one", "num_epochs=1"], tmp_path, data_dir, status=2)
+    assert "already holds a run" in again.stderr and "resume=auto" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_several_processes_need_ddp_or_fsdp(tmp_path, data_dir):
+    done = run(["name=bare", "num_epochs=1"], tmp_path, data_dir, nproc=2, status=1)
+    assert "2 processes but neither use_ddp nor use_fsdp is true" in done.stderr
+
+
+def test_a_broken_image_found_by_a_loader_worker_stops_with_one_line(tmp_path, data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    image = data / first["image"]
+    image.write_bytes(image.read_bytes()[:100])  # the header survives: the pixels fail in the worker
+    done = run(["name=broken", "num_workers=1"], tmp_path, data, status=2)
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {data}/train.jsonl: record 0")
