@@ -30,6 +30,7 @@ from coconut import Coconut
 from dataset import CoconutDataset, collate
 from evaluate import batch_pixels, generate_and_score, summarize
 from run import autocast_context, build_model, open_dataset
+from scoring import accuracy_report, format_report
 from utils import Config, UserError
 
 
@@ -311,6 +312,8 @@ def answer_main(argv: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(format_summary(summarize(rows)))
+    if any(row["meta"] for row in rows):  # per data set and category, as the data sets' papers report accuracy
+        print(format_report(accuracy_report(rows)))
     print(f"predictions: {out}")
 
 

@@ -27,6 +27,7 @@ from coconut import Coconut
 from dataset import CoconutDataset, stage_for_epoch
 from evaluate import generate_and_score, summarize
 from internvl import LATENT_TOKENS, checkpoint_vision_tower, image_seq_length, load_base, tile_size
+from scoring import accuracy_report
 from utils import Config, DistInfo, UserError, config_parser, dist_info, load_config, seed_everything
 
 
@@ -124,7 +125,7 @@ def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: C
         model, data.prompts(), tokenizer, config.eval_batch_size, config.max_new_tokens, device,
         autocast_context(config, device), progress=info.is_main,
     )  # fmt: skip
-    result = summarize(rows) | {"stage": data.stage, "val_path": config.val_path}
+    result = summarize(rows) | {"stage": data.stage, "val_path": config.val_path, "groups": accuracy_report(rows)}
     if info.is_main:
         folder = Path(config.save_path) / config.name
         folder.mkdir(parents=True, exist_ok=True)

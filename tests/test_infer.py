@@ -68,6 +68,20 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in expected]
 
 
+def test_records_with_meta_get_accuracy_per_data_set_and_category(exported, tmp_path, capsys):
+    lines = (exported / "data" / "test.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for i, record in enumerate(records):
+        record["image"] = str(exported / "data" / record["image"])
+        record["meta"] = {"dataset": "scienceqa", "subject": "maths" if i < 4 else "art", "grade": "grade1"}
+    path = tmp_path / "meta.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    infer.main([str(exported / "cot"), "--records", str(path)])
+    out = capsys.readouterr().out
+    for label, total in (("all", 6), ("scienceqa", 6), ("  subject = art", 2), ("  subject = maths", 4)):
+        assert any(line.startswith(label) and line.split()[-2] == str(total) for line in out.splitlines()), label
+
+
 def reference_thoughts(base, input_ids: list[int], pixel_values, latent_id: int) -> torch.Tensor:
     """The continuous thoughts of one prompt, filled one latent at a time by running the base model over the whole
     sequence (no cache, no Coconut): the last hidden state of the position before each latent."""

@@ -111,6 +111,11 @@ def test_only_eval_scores_an_exported_model(tmp_path, data_dir):
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     assert result["stage"] == 1 and result["n"] == len(predictions) == 8
     assert result["accuracy"] == sum(json.loads(p)["correct"] for p in predictions) / 8
+    assert result["groups"]["overall"] == {
+        "correct": round(8 * result["accuracy"]),
+        "total": 8,
+        "accuracy": result["accuracy"],
+    }
 
 
 @pytest.mark.parametrize("n, world", [(7, 2), (8, 2), (5, 3), (1, 4)])
