@@ -127,10 +127,7 @@ def train(
             model, optimizer, train_data, stage_config, total_steps, progress, info, device, autocast, stop
         )
         if not finished:
-            path = checkpoint.save_checkpoint(folder, progress, model, optimizer)
-            if info.is_main:
-                print(f"stopped by signal: wrote {path}; continue with resume=auto", file=sys.stderr)
-            sys.exit(PREEMPTED_EXIT)
+            _stopped(checkpoint.save_checkpoint(folder, progress, model, optimizer), info)
         samples_per_s = (progress.samples - samples_before) * info.world_size / (time.perf_counter() - start)
         metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, device)}
         metrics["val_loss"] = validation_loss(model, val_data, config.eval_batch_size, device, autocast)
@@ -147,12 +144,16 @@ def train(
         improved = result["accuracy"] > progress.best
         progress.best = max(progress.best, result["accuracy"])
         progress.epoch, progress.micro, progress.losses, progress.samples = epoch + 1, 0, [], 0
-        if improved or not config.save_only_improve:
-            checkpoint.save_checkpoint(folder, progress, model, optimizer)
+        saved = improved or not config.save_only_improve
+        if saved:
+            path = checkpoint.save_checkpoint(folder, progress, model, optimizer)
             checkpoint.prune_checkpoints(folder, config.keep_checkpoints)
         if epoch == config.num_epochs - 1 or stage_for_epoch(epoch + 1, config) != stage:
             run_info = {"config": dataclasses.asdict(config), "stage": stage}
             checkpoint.export_pretrained(model, base, tokenizer, folder / f"stage_{stage}", run_info)
+        # a signal during evaluation or saving: the epoch's checkpoint is the place to continue from
+        if saved and epoch < config.num_epochs - 1 and stop.requested(device):
+            _stopped(path, info)
     final_stage = stage_for_epoch(config.num_epochs - 1, config)
     run_info = {"config": dataclasses.asdict(config), "stage": final_stage}
     checkpoint.export_pretrained(model, base, tokenizer, folder / "final", run_info)
@@ -227,6 +228,13 @@ def train_epoch(
             return False
     model.eval()
     return True
+
+
+def _stopped(path: Path, info: DistInfo) -> None:
+    """Exit as a preempted job after a stop signal, naming the checkpoint that `resume: auto` continues from."""
+    if info.is_main:
+        print(f"stopped by signal: wrote {path}; continue with resume=auto", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT)
 
 
 def _mean_across_ranks(values: list[float], device: torch.device) -> float:

@@ -21,6 +21,7 @@ from test_train import ROOT, metrics, run, weights
 import checkpoint
 import demo_data
 import run as run_module
+import trainer
 from coconut import Coconut
 from dataset import CoconutDataset, load_records, tile_image, to_rgb
 from internvl import load_base
@@ -241,6 +242,25 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, data_dir):
     assert "Traceback" not in done.stderr
     assert not list(folder.glob("*.tmp"))
     assert torch.load(folder / "checkpoint_0.pt", weights_only=False)["progress"][0]["epoch"] == 1
+
+
+def test_a_signal_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    real = trainer.generate_and_score
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends, here while the epoch is being evaluated
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate_and_score", signalled)
+    args = ["args/demo.yaml", f"train_path={data_dir}/train.jsonl", f"val_path={data_dir}/val.jsonl"]
+    args += [f"save_path={tmp_path}", "generate_demo_data=false", "batch_size_training=8", "eval_batch_size=8"]
+    args += ["max_new_tokens=4", "num_epochs=3", "stage_overrides={}", "name=eval"]
+    with pytest.raises(SystemExit) as stop:
+        run_module.main(args)
+    assert stop.value.code == 143
+    assert "stopped by signal: wrote" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "eval").glob("checkpoint_*.pt")] == ["checkpoint_0.pt"]
+    assert [m["epoch"] for m in metrics(tmp_path / "eval")] == [0]
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir, monkeypatch, capsys):
