@@ -300,6 +300,7 @@ class CoconutDataset(torch.utils.data.Dataset):
     ) -> None:
         self.path, self.config, self.tile, self.for_generation = path, config, tile, False
         self.records = load_records(path)
+        self.positions = list(range(len(self.records)))  # each record's place in the file, kept when some are skipped
         self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.tokens = [
@@ -312,7 +313,7 @@ class CoconutDataset(torch.utils.data.Dataset):
         self.stage, self.epoch = 0, 0
 
     def _where(self, index: int) -> str:
-        return record_name(self.path, index, self.records[index])
+        return record_name(self.path, self.positions[index], self.records[index])
 
     def _apply_max_length(self) -> None:
         """Enforce max_length: stop at the first longer record, or (too_long: skip) drop and report them all."""
@@ -329,12 +330,17 @@ class CoconutDataset(torch.utils.data.Dataset):
                 f"{self._where(long[0])}: {length} tokens, more than max_length {self.config.max_length}; "
                 "raise max_length, shorten the record or set too_long: skip"
             )
+        if len(long) == len(self.records):
+            raise UserError(
+                f"{self.path}: every record is longer than max_length {self.config.max_length}; raise max_length"
+            )
         if long:
             names = ", ".join(str(self.records[i].get("id", i)) for i in long[:10])
             print(f"{self.path}: skipped {len(long)} records longer than max_length {self.config.max_length}: {names}")
             dropped = set(long)
             keep = [i for i in range(len(self.records)) if i not in dropped]
             self.records, self.tokens = [self.records[i] for i in keep], [self.tokens[i] for i in keep]
+            self.positions = keep
 
     def prompts(self) -> CoconutDataset:
         """The same records as evaluation prompts for `generate`; shares tokens, image cache and stage."""

@@ -104,12 +104,12 @@ def generate_and_score(
                 continue
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-            record = data.records[index]
+            record, position = data.records[index], data.positions[index]
             prediction = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
             rows.append(
                 {
-                    "index": index,
-                    "id": record.get("id", index),
+                    "index": position,
+                    "id": record.get("id", position),
                     "prediction": prediction,
                     "answer": record["answer"],
                     "correct": is_correct(prediction, record["answer"], record.get("choices")),

@@ -149,6 +149,16 @@ def test_too_long_records_error_or_skip_counted(tmp_path, tokenizer, capsys):
     kept = dataset(path, tokenizer, max_length=100, too_long="skip")
     assert [r["id"] for r in kept.records] == ["g"]
     assert "skipped 2 records longer than max_length 100: long, long2" in capsys.readouterr().out
+    # messages keep naming a record by its place in the file when earlier ones were skipped
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    path = write_records(tmp_path, [long, dict(GOOD, image="truncated.png")], "skipped.jsonl")
+    kept = dataset(path, tokenizer, max_length=100, too_long="skip")
+    with pytest.raises(UserError, match=r"skipped.jsonl: record 1 \(id 'g'\): image .*truncated.png cannot be read"):
+        kept.pixel_values(0)
+    with pytest.raises(UserError, match="every record is longer than max_length 100; raise max_length"):
+        dataset(write_records(tmp_path, [long]), tokenizer, max_length=100, too_long="skip")
 
 
 def test_model_folder_without_checkpoint(tmp_path):
