@@ -283,6 +283,21 @@ def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
     return len(tokens.prompt) + markers + middle + len(tokens.answer)
 
 
+class TileCache:
+    """Decoded tiles by image path, up to `limit` bytes; one object, so a dataset and its `prompts()` view share
+    the tiles and the budget."""
+
+    def __init__(self, limit: int) -> None:
+        self.tiles: dict[Path, np.ndarray] = {}
+        self.limit, self.bytes = limit, 0
+
+    def add(self, path: Path, tiles: np.ndarray) -> None:
+        """Keep `tiles` if they fit in what is left of the budget."""
+        if self.bytes + tiles.nbytes <= self.limit:
+            self.tiles[path] = tiles
+            self.bytes += tiles.nbytes
+
+
 class CoconutDataset(torch.utils.data.Dataset):
     """Records of one file, tokenised once, served at the stage set by `set_epoch`.
 
@@ -308,8 +323,7 @@ class CoconutDataset(torch.utils.data.Dataset):
             for i, r in enumerate(self.records)
         ]
         self._apply_max_length()
-        self.cache: dict[Path, np.ndarray] = {}
-        self.cache_bytes = 0
+        self.cache = TileCache(config.image_cache_mb * 2**20)
         self.stage, self.epoch = 0, 0
 
     def _where(self, index: int) -> str:
@@ -372,15 +386,13 @@ class CoconutDataset(torch.utils.data.Dataset):
 
     def _tiles(self, path: Path, index: int) -> np.ndarray:
         """Decoded uint8 tiles of one image, kept in memory (up to image_cache_mb) so epochs don't re-decode."""
-        if path not in self.cache:
+        tiles = self.cache.tiles.get(path)
+        if tiles is None:
             with image_file(path, self._where(index)) as image:
                 rgb = to_rgb(image)
             tiles = tile_image(rgb, self.tile, self.config.max_num_tiles, self.config.use_thumbnail)
-            if self.cache_bytes + tiles.nbytes > self.config.image_cache_mb * 2**20:
-                return tiles
-            self.cache[path] = tiles
-            self.cache_bytes += tiles.nbytes
-        return self.cache[path]
+            self.cache.add(path, tiles)
+        return tiles
 
     def __len__(self) -> int:
         return len(self.records)

@@ -174,6 +174,17 @@ def test_tokenised_once_and_images_decoded_once(tmp_path, tiny_base, monkeypatch
     assert calls == [] and len(opened) == 2  # two distinct image files, each decoded once
 
 
+def test_a_dataset_and_its_prompts_view_share_one_image_cache_budget(tmp_path, tiny_base):
+    # 448-px tiles of 0.6 MB each: a budget of 1 MB holds one image, whichever view decoded it
+    _, tokenizer = tiny_base
+    records = [dict(RECORDS[0], image=f"img{k}.png") for k in range(2)]
+    path = write_data(tmp_path, records, sizes=((448, 448), (448, 448)))
+    data = CoconutDataset(path, tokenizer, Config(cot=True, max_num_tiles=1, image_cache_mb=1), 448, 16)
+    data.pixel_values(0)
+    data.prompts().pixel_values(1)
+    assert len(data.cache.tiles) == 1 and data.cache.bytes == 448 * 448 * 3 <= 2**20
+
+
 def test_bad_records_name_the_record(tmp_path, tiny_base):
     bad = dict(RECORDS[0], steps="not a list")
     path = write_data(tmp_path, [RECORDS[0], bad])
