@@ -60,6 +60,8 @@ FUSED_QKV = re.compile(_LAYER + r"attn\.qkv\.(weight|bias)")
 ORIGINAL_HEAD = "language_model.lm_head.weight"
 NATIVE_HEAD = "lm_head.weight"
 NATIVE_EMBEDDINGS = "model.language_model.embed_tokens.weight"
+# What the original InternVisionConfig assumes for the keys a vision_config may leave out
+ORIGINAL_VISION_DEFAULTS = {"norm_type": "rms_norm", "qk_normalization": True, "qkv_bias": False}
 
 
 class CheckpointError(UserError):
@@ -89,12 +91,15 @@ def native_config_from_original(original: dict, image_token_id: int, separate_he
     `max_dynamic_patch`, `min_dynamic_patch`) have no place in the native config and are not carried.
     Settings the native classes cannot reproduce raise `CheckpointError` instead of loading a different model.
     """
-    vision, llm = original["vision_config"], original["llm_config"]
+    vision, llm = ORIGINAL_VISION_DEFAULTS | original["vision_config"], original["llm_config"]
     if llm.get("model_type") != "qwen2":
         raise CheckpointError(f"llm_config model_type {llm.get('model_type')!r} is not supported, only qwen2")
-    if original.get("ps_version", "v2") != "v2":
-        raise CheckpointError(f"ps_version {original['ps_version']!r}: the native pixel shuffle is v2")
-    if vision.get("qk_normalization") and vision["layer_norm_eps"] != 1e-6:
+    ps_version = original.get("ps_version", "v1")  # the original InternVLChatConfig's default
+    if ps_version != "v2":
+        raise CheckpointError(
+            f"ps_version {ps_version!r} (v1 when the config leaves it out): the native pixel shuffle is v2"
+        )
+    if vision["qk_normalization"] and vision["layer_norm_eps"] != 1e-6:
         raise CheckpointError("qk_normalization with layer_norm_eps != 1e-6: native q/k norms use 1e-6")
     # Qwen2Config defaulted to untied in the transformers releases these checkpoints were written with.
     tied = llm.get("tie_word_embeddings", False) or not separate_head
@@ -111,10 +116,10 @@ def native_config_from_original(original: dict, image_token_id: int, separate_he
         image_size=vision["image_size"],
         patch_size=vision["patch_size"],
         num_channels=vision.get("num_channels", 3),
-        norm_type=vision.get("norm_type", "layer_norm"),
+        norm_type=vision["norm_type"],
         layer_norm_eps=vision["layer_norm_eps"],
-        use_qk_norm=vision.get("qk_normalization", False),
-        attention_bias=vision.get("qkv_bias", True),
+        use_qk_norm=vision["qk_normalization"],
+        attention_bias=vision["qkv_bias"],
         attention_dropout=vision.get("attention_dropout", 0.0),
         projection_dropout=vision.get("dropout", 0.0),
     )

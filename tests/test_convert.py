@@ -279,6 +279,18 @@ def test_head_tying_follows_config_and_stored_head() -> None:
         convert_state_dict(stored, tied)
 
 
+def test_keys_a_config_leaves_out_take_the_original_defaults() -> None:
+    # OpenGVLab's InternVisionConfig: rms_norm, q/k normalisation, no qkv bias; InternVLChatConfig: ps_version v1
+    original = original_config(False, "layer_norm", False, True)
+    for key in ("norm_type", "qk_normalization", "qkv_bias"):
+        del original["vision_config"][key]
+    vision = native_config_from_original(original, 258).vision_config
+    assert (vision.norm_type, vision.use_qk_norm, vision.attention_bias) == ("rms_norm", True, False)
+    del original["ps_version"]
+    with pytest.raises(CheckpointError, match=r"ps_version 'v1' \(v1 when the config leaves it out\)"):
+        native_config_from_original(original, 258)
+
+
 def test_attention_implementation_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pick_attn_implementation("eager") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
