@@ -71,23 +71,19 @@ class CoconutOutput:
 class Coconut(nn.Module):
     """Wraps a `transformers` InternVL (or causal LM) so that latent tokens carry continuous thoughts.
 
-    `latent_token_id` marks thought positions; `start_latent_id`/`end_latent_id` delimit them (ordinary tokens
-    for the model); `eos_token_id` ends generation.
+    `latent_token_id` marks thought positions (the `<|start-latent|>`/`<|end-latent|>` markers around them are
+    ordinary tokens to the model); `eos_token_id` ends generation.
     """
 
     def __init__(
         self,
         base: nn.Module,
         latent_token_id: int,
-        start_latent_id: int,
-        end_latent_id: int,
         eos_token_id: int,
     ) -> None:
         super().__init__()
         self.base = base
         self.latent_token_id = latent_token_id
-        self.start_latent_id = start_latent_id
-        self.end_latent_id = end_latent_id
         self.eos_token_id = eos_token_id
         self.has_vision = hasattr(base.config, "vision_config")
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`

@@ -302,7 +302,9 @@ class CoconutDataset(torch.utils.data.Dataset):
     """Records of one file, tokenised once, served at the stage set by `set_epoch`.
 
     An item is the full training sequence with labels (-100 on image, question, markers and latents); the view
-    returned by `prompts()` serves evaluation prompts instead (up to and including the latents).
+    returned by `prompts()` serves evaluation prompts instead (up to and including the latents). Only a
+    `mix_stages` dataset (the training set) draws items' stages with uniform_prob: validation stays at the epoch's
+    stage, so its loss is measured where the stage table lists it.
     """
 
     def __init__(
@@ -312,8 +314,10 @@ class CoconutDataset(torch.utils.data.Dataset):
         config: Config,
         tile: int,
         tokens_per_tile: int,
+        mix_stages: bool = False,
     ) -> None:
         self.path, self.config, self.tile, self.for_generation = path, config, tile, False
+        self.mix_stages = mix_stages
         self.records = load_records(path)
         self.positions = list(range(len(self.records)))  # each record's place in the file, kept when some are skipped
         self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
@@ -369,7 +373,7 @@ class CoconutDataset(torch.utils.data.Dataset):
     def item_stage(self, index: int) -> int:
         """The stage of item `index` this epoch: the epoch's stage, or with probability uniform_prob a stage
         drawn uniformly from 0..steps (seeded by seed, epoch and index, so any worker order gives the same)."""
-        if self.for_generation or not self.config.coconut or self.config.uniform_prob == 0:
+        if not self.mix_stages or self.for_generation or not self.config.coconut or self.config.uniform_prob == 0:
             return self.stage
         rng = np.random.default_rng([self.config.seed, self.epoch, index])
         if rng.random() < self.config.uniform_prob:

@@ -48,6 +48,7 @@ class MetricsLog:
         elif self.backend is not None:
             for key, value in metrics.items():
                 self.backend.add_scalar(key, value, metrics["epoch"])
+            self.backend.flush()  # its own flush runs every two minutes, and not at exit
 
 
 def read_metrics(path: Path) -> list[dict]:

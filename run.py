@@ -72,8 +72,7 @@ def build_model(config: Config) -> tuple[Coconut, object]:
     folder = start_from if start_from != "none" and Path(start_from).is_dir() else config.model_id
     dtype = torch.bfloat16 if config.bf16_weights else torch.float32
     base, tokenizer = load_base(folder, config.latent_init, dtype, config.attn_implementation or None)
-    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-    model = Coconut(base, latent, start, end, tokenizer.eos_token_id)
+    model = Coconut(base, tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2]), tokenizer.eos_token_id)
     if start_from != "none" and Path(start_from).is_file():
         checkpoint.load_model_weights(start_from, model)
     return model, tokenizer
@@ -107,10 +106,12 @@ def autocast_context(config: Config, device: torch.device):
     return nullcontext
 
 
-def open_dataset(path: str, tokenizer, config: Config, model: Coconut) -> CoconutDataset:
-    """A data file tokenised and tiled for `model`'s tile size and tokens per tile."""
+def open_dataset(path: str, tokenizer, config: Config, model: Coconut, training: bool = False) -> CoconutDataset:
+    """A data file tokenised and tiled for `model`'s tile size and tokens per tile; `training` mixes stages as
+    uniform_prob asks."""
     base_config = model.base.config
-    return CoconutDataset(path, tokenizer, config, tile_size(base_config), image_seq_length(base_config))
+    tile, per_tile = tile_size(base_config), image_seq_length(base_config)
+    return CoconutDataset(path, tokenizer, config, tile, per_tile, mix_stages=training)
 
 
 def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: Coconut, tokenizer) -> None:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         info, device = setup_distributed(config)
         config = check_parallel(config, info, args.config)
         seed_everything(config.seed)
-        if config.generate_demo_data and not Path(config.train_path).exists():
+        if config.generate_demo_data and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
             import demo_data
 
             if info.is_main:
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         if config.only_eval:
             evaluate_only(config, info, device, model, tokenizer)
         else:
-            data = tuple(open_dataset(path, tokenizer, config, model) for path in (config.train_path, config.val_path))
+            train_data = open_dataset(config.train_path, tokenizer, config, model, training=True)
+            data = (train_data, open_dataset(config.val_path, tokenizer, config, model))
             Path(config.save_path, config.name).mkdir(parents=True, exist_ok=True)
             base = model.base
             model = parallelize(model, config, device)

@@ -108,8 +108,7 @@ class Case:
         image_markers: tuple[int, int] | None = None,
     ) -> None:
         self.name, self.base, self.ids, self.vocab_text, self.image_markers = name, base, ids, vocab_text, image_markers
-        start, end, latent, _ = ids
-        self.coconut = Coconut(base, latent, start, end, eos_token_id=-1)  # never stops early
+        self.coconut = Coconut(base, latent_token_id=ids[2], eos_token_id=-1)  # never stops early
         self.image = image_markers is not None
 
     def batch(self, batch: int, question: int, n_latents: int, answer: int, vary: bool = True) -> dict:

@@ -303,10 +303,10 @@ def run_gpu(args: argparse.Namespace) -> dict:
         checkpoint_vision_tower(model)
     built = time.perf_counter() - began
     batch = args.batch or (2 if tiny else 16)
-    cot, coconut_batch, (start, end, latent) = gpu_batches(
+    cot, coconut_batch, (_, end, latent) = gpu_batches(
         model.config, batch, question=48, steps=6, step_tokens=16, answer=16
     )
-    coconut = Coconut(model, latent, start, end, eos_token_id=-1)  # never stops early
+    coconut = Coconut(model, latent, eos_token_id=-1)  # never stops early
     warmup, repeats = (1, 1) if tiny else (args.warmup, args.repeats)
     peak = peak_flops(device, args.peak_tflops)
 

@@ -26,9 +26,9 @@ def tiny_base():
 
 def make_coconut(base, tokenizer, eos_token_id: int | None = None) -> Coconut:
     """Wrap `base` with the tokenizer's latent ids."""
-    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    latent = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    return Coconut(base, latent, start, end, eos)
+    return Coconut(base, latent, eos)
 
 
 def image_block(base, tokenizer, n_tiles: int) -> list[int]:

@@ -67,11 +67,12 @@ RECORDS = [
 ]
 
 
-def make_dataset(tmp_path, tiny_base, **keys):
+def make_dataset(tmp_path, tiny_base, mix_stages=False, **keys):
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, RECORDS, sizes=((64, 64), (128, 64)))
-    return CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
+    tile, per_tile = tile_size(base.config), image_seq_length(base.config)
+    return CoconutDataset(path, tokenizer, config, tile, per_tile, mix_stages=mix_stages)
 
 
 @pytest.mark.parametrize(
@@ -131,14 +132,17 @@ def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
 
 
 def test_uniform_prob_is_seeded_and_varies_by_epoch(tmp_path, tiny_base):
-    data = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
+    data = make_dataset(tmp_path, tiny_base, mix_stages=True, uniform_prob=1.0, max_latent_stage=3)
+    validation = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
     stages = {}
     for epoch in range(6):
         data.set_epoch(epoch)
         stages[epoch] = [data.item_stage(0) for _ in range(2)]
         assert stages[epoch][0] == stages[epoch][1]  # same epoch, same draw
+        validation.set_epoch(epoch)
+        assert [validation.item_stage(i) for i in range(3)] == [validation.stage] * 3  # only training mixes
     assert len({s[0] for s in stages.values()}) > 1
-    again = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
+    again = make_dataset(tmp_path, tiny_base, mix_stages=True, uniform_prob=1.0, max_latent_stage=3)
     again.set_epoch(4)
     assert again.item_stage(0) == stages[4][0]
 

@@ -84,7 +84,8 @@ def test_vision_checkpointing_recomputes_without_changing_loss_or_gradients():
     model = model.double().train()
     coconut = make_coconut(model, tokenizer)
     latent = coconut.latent_token_id
-    ids = image_block(model, tokenizer, 2) + [5, 6, coconut.start_latent_id, latent, latent, 7, 8]
+    start = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[0])
+    ids = image_block(model, tokenizer, 2) + [5, 6, start, latent, latent, 7, 8]
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     batch["labels"] = torch.tensor([[-100] * (len(ids) - 2) + ids[-2:]])
     batch["pixel_values"] = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

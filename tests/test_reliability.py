@@ -332,7 +332,7 @@ def _is_rank(pid: int, launcher: int, rank: str) -> bool:
 def test_a_file_that_is_not_a_fitting_checkpoint_stops_with_one_line(tmp_path):
     torch.manual_seed(0)
     base, tokenizer = load_base("tiny")
-    model = Coconut(base, *tokenizer.convert_tokens_to_ids(["<|latent|>", "<|start-latent|>", "<|end-latent|>"]), 0)
+    model = Coconut(base, tokenizer.convert_tokens_to_ids("<|latent|>"), 0)
     garbage, foreign, wrong_shape, two_ranks = (tmp_path / f"{n}.pt" for n in ("garbage", "foreign", "shape", "ranks"))
     garbage.write_bytes(b"not a checkpoint")
     torch.save({"weights": {}}, foreign)
