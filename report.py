@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from checkpoint import atomic_write_text
 from utils import UserError
 
 
@@ -35,14 +36,15 @@ class MetricsLog:
         """Forget the lines of `epoch` and later (a resumed run redoes them)."""
         if self.enabled and self.path.exists():
             kept = [m for m in read_metrics(self.path) if m["epoch"] < epoch]
-            self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def log(self, metrics: dict) -> None:
         """Append one epoch's metrics (and send them to the configured tracker)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        # rewritten whole and renamed, so a crash mid-write cannot leave a torn line that stops the next resume
+        before = self.path.read_text() if self.path.exists() else ""
+        atomic_write_text(self.path, before + json.dumps(metrics) + "\n")
         if self.backend is not None and hasattr(self.backend, "log"):
             self.backend.log(metrics, step=metrics["epoch"])
         elif self.backend is not None:

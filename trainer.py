@@ -173,6 +173,12 @@ def train_epoch(
     the epoch's last group too when it is shorter.
     """
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
+    if progress.samples != min(progress.micro * config.batch_size_training, len(sampler)):
+        size = progress.samples // progress.micro  # the mid-epoch offset counts micro-batches of this size
+        raise UserError(
+            f"config: the checkpoint stopped epoch {progress.epoch} after {progress.micro} micro-batches of {size}; "
+            f"resume with batch_size_training={size}"
+        )
     sampler.set_epoch(progress.epoch)
     order = list(sampler)[progress.micro * config.batch_size_training :]
     loader = DataLoader(

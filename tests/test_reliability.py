@@ -20,12 +20,13 @@ from test_train import ROOT, metrics, run, weights
 
 import checkpoint
 import demo_data
+import report
 import run as run_module
 import trainer
 from coconut import Coconut
 from dataset import CoconutDataset, load_records, tile_image, to_rgb
 from internvl import load_base
-from utils import Config, UserError
+from utils import Config, DistInfo, UserError
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +352,25 @@ def test_a_file_that_is_not_a_fitting_checkpoint_stops_with_one_line(tmp_path):
         with pytest.raises(UserError, match=message) as err:
             load(str(path), model)
         assert "\n" not in str(err.value)
+
+
+def test_a_crash_while_logging_metrics_leaves_the_log_whole(tmp_path, monkeypatch):
+    log = report.MetricsLog(tmp_path, Config(cot=True), enabled=True)
+    log.log({"epoch": 0, "train_loss": 1.0})
+
+    def crash(*args):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError):
+        log.log({"epoch": 1, "train_loss": 0.5})
+    assert report.read_metrics(log.path) == [{"epoch": 0, "train_loss": 1.0}]
+
+
+def test_a_mid_epoch_resume_at_another_batch_size_stops_with_one_line():
+    progress = trainer.Progress(epoch=3, micro=2, samples=16)  # stopped after two micro-batches of 8
+    config = Config(cot=True, batch_size_training=4)
+    with pytest.raises(
+        UserError, match="stopped epoch 3 after 2 micro-batches of 8; resume with batch_size_training=8"
+    ):
+        trainer.train_epoch(None, None, list(range(40)), config, 1, progress, DistInfo(0, 0, 1), None, None, None)
