@@ -279,14 +279,27 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "max_new_tokens",
         "keep_checkpoints",
         "max_nonfinite_steps",
+        "dist_timeout_s",
     )
     for key in positive + (("epochs_per_stage",) if last_stage else ()):
         if getattr(config, key) < 1:
             raise UserError(f"{where}: {key} must be at least 1, got {getattr(config, key)}")
-    if config.epochs_per_stage < 0:
-        raise UserError(f"{where}: epochs_per_stage must be at least 0, got {config.epochs_per_stage}")
-    if config.max_latent_stage < 0:
-        raise UserError(f"{where}: max_latent_stage must be at least 0, got {config.max_latent_stage}")
+    not_negative = (
+        "epochs_per_stage",
+        "max_latent_stage",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "max_grad_norm",
+        "num_workers",
+        "max_length",
+        "image_cache_mb",
+    )
+    for key in not_negative:
+        if getattr(config, key) < 0:
+            raise UserError(f"{where}: {key} must be at least 0, got {getattr(config, key)}")
+    if config.eval_stage < -1:
+        raise UserError(f"{where}: eval_stage must be -1 (the last stage) or a stage number, got {config.eval_stage}")
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise UserError(f"{where}: uniform_prob must be between 0 and 1, got {config.uniform_prob}")
     for key in ("{image}", "{question}"):
