@@ -3,7 +3,7 @@
     python bench/bench.py                             # CPU: two Qwen2-shaped text models and the tiny InternVL
     python bench/bench.py --gpu                       # one GPU: InternVL3-1B shapes in bf16, random weights (~1 min)
     python bench/bench.py --gpu --batch 64 --checkpointing   # 4x the batch, the vision tower recomputed in backward
-    python bench/bench.py --gpu --device cpu --tiny   # the GPU code path on a tiny model, to check that it runs
+    python bench/bench.py --gpu --device cpu --tiny   # the GPU code path on a tiny model (float32), to check it runs
 
 CPU mode, for each model at n = 0, 2, 4, 8 latents (batch 16, question 48 + n latents + up to 32 answer tokens,
 right-padded as training batches are): Coconut forward+backward against the base model's own forward+backward

@@ -3,8 +3,8 @@
 Samples/s, peak memory, model FLOPs utilisation and the kernels' own time and count (is the GPU or the host the
 bound?) of a CoT training step and of a Coconut stage-3 step (c_thought 2: 6 latents replace 3 of the 6 steps),
 generation throughput, and the data loader on 448-px tiles. `run_gpu` runs them in that order and prints a table
-after each; with `--tiny` the same code runs on a model of the same structure shrunk to run on a CPU in seconds,
-to check the code path rather than to measure.
+after each; with `--tiny` the same code runs on a model of the same structure shrunk to run on a CPU in seconds
+(in float32 there), to check the code path rather than to measure.
 """
 
 from __future__ import annotations
@@ -295,7 +295,9 @@ def run_gpu(args: argparse.Namespace) -> dict:
     """CoT and Coconut stage-3 training steps, generation and the data loader at InternVL3-1B shapes (`args.tiny`:
     the tiny model, batch 2, one repeat), a table printed after each. Returns the device, the model, the rows."""
     device = torch.device(args.device or "cuda")
-    dtype = torch.bfloat16
+    # bf16 as trained on a GPU; on a CPU (the --tiny check of the code path) float32, because a CPU without bf16
+    # units (AVX2-only x86) emulates bf16 matmuls many times slower
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = args.tiny
     began = time.perf_counter()
     model = build_gpu_model(tiny, device, dtype)

@@ -41,7 +41,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     }
     out = {}
     for name, proc in procs.items():
-        log, _ = proc.communicate(timeout=120)
+        log, _ = proc.communicate(timeout=600)  # a guard against a hang, not a speed check
         assert proc.returncode == 0, log
         assert "| model" in log or "| step" in log  # the tables were printed
         out[name] = json.loads((folder / f"{name}.json").read_text())
@@ -75,7 +75,8 @@ def test_cpu_json_has_every_row_with_sane_numbers(results):
 
 def test_gpu_code_path_runs_on_a_tiny_model(results):
     gpu = results["gpu"]
-    assert gpu["dtype"] == "torch.bfloat16" and gpu["attention"] == "sdpa" and gpu["vision_checkpointing"]
+    # float32 on a CPU: bf16 there is emulated, many times slower, on CPUs without bf16 units
+    assert gpu["dtype"] == "torch.float32" and gpu["attention"] == "sdpa" and gpu["vision_checkpointing"]
     steps = {row["step"]: row for row in gpu["train"]}
     assert set(steps) == {"cot (Coconut, no latents)", "coconut stage 3 (6 latents)", "cot (transformers forward)"}
     for row in steps.values():

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, metrics, run, weights
 from PIL import Image
-from test_train import ROOT, metrics, run, weights
 
 import checkpoint
-import demo_data
 import report
 import run as run_module
 import trainer
@@ -27,13 +26,6 @@ from coconut import Coconut
 from dataset import CoconutDataset, load_records, tile_image, to_rgb
 from internvl import load_base
 from utils import Config, DistInfo, UserError
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("demo")
-    demo_data.generate(str(folder), seed=2, sizes={"train": 32, "val": 8})
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +107,17 @@ def test_decompression_bomb_is_refused(tmp_path, tokenizer, monkeypatch):
         dataset(path, tokenizer)
 
 
-def test_huge_image_tiling_stays_bounded():
+def test_a_huge_image_is_reduced_by_whole_factors_before_resampling(monkeypatch):
     image = Image.new("RGB", (8000, 6000), (90, 90, 90))
-    start = time.perf_counter()
+    factors = []
+    real_reduce = Image.Image.reduce
+    monkeypatch.setattr(Image.Image, "reduce", lambda self, f, **k: factors.append(f) or real_reduce(self, f, **k))
     tiles = tile_image(image, 448, 12, use_thumbnail=True)
     assert tiles.shape == (13, 448, 448, 3)  # 4 x 3 grid + thumbnail, whatever the input size
-    assert time.perf_counter() - start < 10
+    assert (tiles == 90).all()
+    # the thumbnail, 13 to 18 times smaller, is first shrunk by the whole factors (5, 4): resampling then reads
+    # 20 times fewer pixels than the 48-million-pixel source, so the cost of tiling stays bounded
+    assert factors == [(5, 4)]
 
 
 @pytest.mark.parametrize(
@@ -199,9 +196,8 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
     proc = run(["name=stopped", *common], tmp_path, data_dir, wait=False)
     wait_for("checkpoint_0.pt", tmp_path / "stopped", proc)
     time.sleep(0.3)  # inside a later epoch (16 micro-batches each)
-    sent = time.time()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143 and time.time() - sent < 30
+    assert proc.wait(timeout=60) == 143
     partial = list((tmp_path / "stopped").glob("checkpoint_*_micro*.pt"))
     assert len(partial) == 1, proc.stderr.read()
     run(["name=stopped", "resume=auto", *common], tmp_path, data_dir)
@@ -314,9 +310,7 @@ def test_a_dead_rank_ends_the_job(tmp_path, data_dir):
     wait_for("checkpoint_0.pt", tmp_path / "dead", proc)
     victim = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank(int(pid), proc.pid, "1"))
     os.kill(victim, signal.SIGKILL)
-    start = time.time()
-    code = proc.wait(timeout=120)
-    assert code != 0 and time.time() - start < 90
+    assert proc.wait(timeout=120) != 0  # the survivor's collective times out (dist_timeout_s) instead of hanging
 
 
 def _is_rank(pid: int, launcher: int, rank: str) -> bool:

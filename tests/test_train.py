@@ -4,74 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_coconut
-from safetensors.torch import load_file
+from conftest import make_coconut, metrics, run, weights
 from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-import demo_data
 import trainer
 from dataset import CoconutDataset, collate
 from evaluate import shard
 from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
 from utils import Config, DistInfo
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("demo")
-    demo_data.generate(str(folder), seed=1, sizes={"train": 32, "val": 8})
-    return folder
-
-
-def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int = 0, wait: bool = True, status: int = 0):
-    """Start run.py on args/demo.yaml with a small, fast setting; torchrun when nproc > 0. With `wait`, check
-    that it exits with `status`."""
-    settings = [
-        f"train_path={data}/train.jsonl",
-        f"val_path={data}/val.jsonl",
-        f"save_path={folder}",
-        "generate_demo_data=false",
-        "batch_size_training=8",
-        "eval_batch_size=8",
-        "max_new_tokens=8",
-        "max_latent_stage=2",
-        "stage_overrides={}",
-        "epochs_per_stage=1",
-        "num_epochs=3",
-        "warmup_steps=0",
-        *overrides,
-    ]
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = launcher + [str(ROOT / "run.py"), "args/demo.yaml", *settings, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == status, done.stderr[-3000:]
-    return done
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
 
 
 def relative_distance(a: dict, b: dict) -> float:
