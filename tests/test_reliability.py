@@ -194,8 +194,10 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
     common = ["num_epochs=3", "batch_size_training=2"]
     run(["name=straight", *common], tmp_path, data_dir)
     proc = run(["name=stopped", *common], tmp_path, data_dir, wait=False)
-    wait_for("checkpoint_0.pt", tmp_path / "stopped", proc)
-    time.sleep(0.3)  # inside a later epoch (16 micro-batches each)
+    # epoch 0 ends with its checkpoint, then the stage_0 export (coconut.json last): epoch 1 trains after that,
+    # 16 micro-batches, and a signal among them must write a mid-epoch checkpoint
+    wait_for("stage_0/coconut.json", tmp_path / "stopped", proc)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     partial = list((tmp_path / "stopped").glob("checkpoint_*_micro*.pt"))
