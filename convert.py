@@ -28,7 +28,7 @@ try:
 except ImportError:  # transformers 4.x keeps it in modeling_utils
     from transformers.modeling_utils import no_init_weights
 
-from utils import UserError
+from utils import UserError, entry_point
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 CHECKPOINT_HINT = "pass a local InternVL3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
@@ -64,20 +64,16 @@ NATIVE_EMBEDDINGS = "model.language_model.embed_tokens.weight"
 ORIGINAL_VISION_DEFAULTS = {"norm_type": "rms_norm", "qk_normalization": True, "qkv_bias": False}
 
 
-class CheckpointError(UserError):
-    """A checkpoint folder that cannot be loaded, with a one-line message naming the problem and the fix."""
-
-
 def is_original_layout(folder: str | Path) -> bool:
     """Tell whether `folder` holds the original remote-code layout rather than the native one.
 
     The answer comes from `model_type` in the folder's config.json: `internvl_chat` is the original
     OpenGVLab layout, `internvl` the native `transformers` one; anything else is not an InternVL
-    checkpoint this module can load, so it raises `CheckpointError`.
+    checkpoint this module can load, so it raises `UserError`.
     """
     model_type = _read_config(Path(folder)).get("model_type")
     if model_type not in ("internvl_chat", "internvl"):
-        raise CheckpointError(f"{folder}: config.json has model_type {model_type!r}; {CHECKPOINT_HINT}")
+        raise UserError(f"{folder}: config.json has model_type {model_type!r}; {CHECKPOINT_HINT}")
     return model_type == "internvl_chat"
 
 
@@ -89,18 +85,16 @@ def native_config_from_original(original: dict, image_token_id: int, separate_he
     The head is tied when the language model config says so or when the checkpoint stores no separate
     head (`separate_head=False`). Preprocessing fields (`template`, `dynamic_image_size`, `use_thumbnail`,
     `max_dynamic_patch`, `min_dynamic_patch`) have no place in the native config and are not carried.
-    Settings the native classes cannot reproduce raise `CheckpointError` instead of loading a different model.
+    Settings the native classes cannot reproduce raise `UserError` instead of loading a different model.
     """
     vision, llm = ORIGINAL_VISION_DEFAULTS | original["vision_config"], original["llm_config"]
     if llm.get("model_type") != "qwen2":
-        raise CheckpointError(f"llm_config model_type {llm.get('model_type')!r} is not supported, only qwen2")
+        raise UserError(f"llm_config model_type {llm.get('model_type')!r} is not supported, only qwen2")
     ps_version = original.get("ps_version", "v1")  # the original InternVLChatConfig's default
     if ps_version != "v2":
-        raise CheckpointError(
-            f"ps_version {ps_version!r} (v1 when the config leaves it out): the native pixel shuffle is v2"
-        )
+        raise UserError(f"ps_version {ps_version!r} (v1 when the config leaves it out): the native pixel shuffle is v2")
     if vision["qk_normalization"] and vision["layer_norm_eps"] != 1e-6:
-        raise CheckpointError("qk_normalization with layer_norm_eps != 1e-6: native q/k norms use 1e-6")
+        raise UserError("qk_normalization with layer_norm_eps != 1e-6: native q/k norms use 1e-6")
     # Qwen2Config defaulted to untied in the transformers releases these checkpoints were written with.
     tied = llm.get("tie_word_embeddings", False) or not separate_head
     tile_size = original.get("force_image_size") or vision["image_size"]
@@ -144,7 +138,7 @@ def convert_state_dict(original_sd: dict[str, torch.Tensor], config: InternVLCon
     `model.language_model.` and `lm_head.`. With a tied config the result holds the embedding matrix
     as `lm_head.weight` too, as a native state dict does; a stored head that differs from it is an
     error, since the original model would have ignored one of the two. Keys matching no rule raise
-    `CheckpointError` listing them: nothing is dropped silently.
+    `UserError` listing them: nothing is dropped silently.
     """
     converted: dict[str, torch.Tensor] = {}
     unknown = []
@@ -161,11 +155,11 @@ def convert_state_dict(original_sd: dict[str, torch.Tensor], config: InternVLCon
             converted[native] = tensor
     if unknown:
         shown = ", ".join(sorted(unknown)[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
-        raise CheckpointError(f"{len(unknown)} original weight(s) have no native counterpart: {shown}")
+        raise UserError(f"{len(unknown)} original weight(s) have no native counterpart: {shown}")
     if config.tie_word_embeddings and NATIVE_EMBEDDINGS in converted:
         embeddings = converted[NATIVE_EMBEDDINGS]
         if NATIVE_HEAD in converted and not torch.equal(converted[NATIVE_HEAD], embeddings):
-            raise CheckpointError(
+            raise UserError(
                 f"tie_word_embeddings is true but {ORIGINAL_HEAD} differs from the embeddings; "
                 "set llm_config.tie_word_embeddings to false to keep the separate head"
             )
@@ -199,7 +193,7 @@ def load_internvl(
     token id comes from the folder's tokenizer (`<IMG_CONTEXT>`), the weights from `model.safetensors`
     or the shards its index names, and every native parameter must be filled. `dtype=None` keeps the
     stored dtype; the attention kernel follows `pick_attn_implementation`. Nothing is downloaded and no
-    remote code runs; problems with the folder raise `CheckpointError`. The model is returned in eval mode.
+    remote code runs; problems with the folder raise `UserError`. The model is returned in eval mode.
     """
     path = Path(folder)
     attn_implementation = pick_attn_implementation(attn_implementation)
@@ -223,7 +217,7 @@ def load_internvl(
         )
     loaded = model.load_state_dict(converted, strict=False)
     if loaded.missing_keys or loaded.unexpected_keys:
-        raise CheckpointError(
+        raise UserError(
             f"{folder}: converted weights do not fit the model built from its config.json; "
             f"missing {sorted(loaded.missing_keys)}, unexpected {sorted(loaded.unexpected_keys)}"
         )
@@ -233,10 +227,10 @@ def load_internvl(
 
 def _read_config(folder: Path) -> dict:
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder; {CHECKPOINT_HINT}")
+        raise UserError(f"{folder}: no such folder; {CHECKPOINT_HINT}")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{folder}: no config.json, so this is not a checkpoint; {CHECKPOINT_HINT}")
+        raise UserError(f"{folder}: no config.json, so this is not a checkpoint; {CHECKPOINT_HINT}")
     return json.loads(config_file.read_text())
 
 
@@ -246,44 +240,41 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; {CHECKPOINT_HINT}")
+    raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json; {CHECKPOINT_HINT}")
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The checkpoint folder's tokenizer (either layout), checked to hold InternVL's image-context token."""
     folder = Path(folder)
     if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
-        raise CheckpointError(
+        raise UserError(
             f"{folder}: no tokenizer (tokenizer_config.json or tokenizer.json), needed for the "
             f"{IMAGE_CONTEXT_TOKEN} id; copy the tokenizer files of the original checkpoint into it"
         )
     # AutoTokenizer cannot read the remote-code config.json; the language model type it looks for is qwen2.
     tokenizer = AutoTokenizer.from_pretrained(folder, config=Qwen2Config(), local_files_only=True)
     if IMAGE_CONTEXT_TOKEN not in tokenizer.get_vocab():
-        raise CheckpointError(f"{folder}: the tokenizer has no {IMAGE_CONTEXT_TOKEN} token")
+        raise UserError(f"{folder}: the tokenizer has no {IMAGE_CONTEXT_TOKEN} token")
     return tokenizer
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     """Convert an original-layout InternVL3 folder into a native-layout copy (`python convert.py SRC DST`).
 
     The copy holds the native config and safetensors weights from `save_pretrained` plus the tokenizer,
-    so `load_internvl(DST)` (or `from_pretrained`) reads it without converting again. Problems are
-    reported as a single `error:` line and a non-zero exit status.
+    so `load_internvl(DST)` (or `from_pretrained`) reads it without converting again.
     """
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("src", help="folder with the original (internvl_chat) checkpoint")
     parser.add_argument("dst", help="new folder for the native (internvl) copy")
     args = parser.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
-    try:
-        if not is_original_layout(src):
-            raise CheckpointError(f"{src}: already in the native layout; load it directly")
-        if dst.exists() and any(dst.iterdir()):
-            raise CheckpointError(f"{dst}: exists and is not empty; choose a new folder")
-        model = load_internvl(str(src))
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
+    if not is_original_layout(src):
+        raise UserError(f"{src}: already in the native layout; load it directly")
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"{dst}: exists and is not empty; choose a new folder")
+    model = load_internvl(str(src))
     model.save_pretrained(dst)
     load_tokenizer(src).save_pretrained(dst)
     config = model.config

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from utils import entry_point
+
 # four-letter names: every example then has its tokens at the same positions, which a tiny model learns faster
 COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60), "gold": (230, 180, 30)}
 MOVES = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}
@@ -64,7 +66,9 @@ def generate(folder: str, seed: int = 0, sizes: dict[str, int] = SPLITS) -> None
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
+@entry_point
 def main() -> None:
+    """`python demo_data.py FOLDER [--seed N]`: write the demo set."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("--seed", type=int, default=0)

@@ -31,7 +31,7 @@ from dataset import CoconutDataset, collate
 from evaluate import batch_pixels, generate_and_score, summarize
 from run import autocast_context, build_model, open_dataset
 from scoring import accuracy_report, format_report
-from utils import Config, UserError
+from utils import Config, UserError, entry_point
 
 
 @dataclass
@@ -336,18 +336,14 @@ def compare_main(argv: list[str]) -> None:
     print(f"plot: {report.plot_methods(rows, out / 'compare.png')}")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
-    """The command line: `compare ...` compares methods, anything else answers with one folder; a mistake the
-    user can fix ends with one `error:` line and exit status 2."""
+    """The command line: `compare ...` compares methods, anything else answers with one folder."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["compare"]:
-            compare_main(argv[1:])
-        else:
-            answer_main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if argv[:1] == ["compare"]:
+        compare_main(argv[1:])
+    else:
+        answer_main(argv)
 
 
 if __name__ == "__main__":

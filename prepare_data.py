@@ -26,6 +26,8 @@ import datasets
 from datasets.exceptions import DatasetGenerationError
 from PIL import Image, UnidentifiedImageError
 
+from utils import UserError, entry_point
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SPLITS = ("train", "val", "test")
 # Split names used by the hub and the original releases, mapped to the file names written here.
@@ -49,10 +51,6 @@ SENTENCE_END = re.compile(
     r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bvs\.)"
     r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])"
 )
-
-
-class PrepareError(Exception):
-    """A problem with the user's input or files; ``main`` reports it as one line, without a traceback."""
 
 
 @dataclass
@@ -234,7 +232,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise PrepareError(f"{path} is not valid JSON ({error}); download it again") from None
+        raise UserError(f"{path} is not valid JSON ({error}); download it again") from None
 
 
 def require(keys: Iterable[str], needed: Sequence[str], where: str, dataset: str) -> None:
@@ -242,7 +240,7 @@ def require(keys: Iterable[str], needed: Sequence[str], where: str, dataset: str
     present = set(keys)
     for key in needed:
         if key not in present:
-            raise PrepareError(
+            raise UserError(
                 f"{where} has no column '{key}' (it has: {', '.join(sorted(present))}); "
                 f"is this the {HUB_IDS[dataset]} data set?"
             )
@@ -255,7 +253,7 @@ def scienceqa_release(root: Path) -> dict[str, list[dict[str, Any]]]:
         where = f"problem {pid} of {root / 'problems.json'}"
         require(problem, SCIENCEQA_RELEASE_KEYS, where, "scienceqa")
         if problem["split"] not in SPLIT_NAMES:
-            raise PrepareError(f"{where} has the unknown split '{problem['split']}'; expected train, val or test")
+            raise UserError(f"{where} has the unknown split '{problem['split']}'; expected train, val or test")
         image = root / "images" / problem["split"] / pid / problem["image"] if problem["image"] else None
         splits.setdefault(SPLIT_NAMES[problem["split"]], []).append({**problem, "pid": pid, "image": image})
     return splits
@@ -264,7 +262,7 @@ def scienceqa_release(root: Path) -> dict[str, list[dict[str, Any]]]:
 def aokvqa_release(root: Path, coco_root: Path | None) -> dict[str, list[dict[str, Any]]]:
     """Read A-OKVQA's original release, whose images are COCO 2017's ``<split>2017/<image_id:012d>.jpg``."""
     if coco_root is None:
-        raise PrepareError(
+        raise UserError(
             f"{root} holds A-OKVQA's JSON release, which has no images; pass --coco-root, the folder that "
             "holds COCO 2017's train2017/, val2017/ and test2017/"
         )
@@ -272,7 +270,7 @@ def aokvqa_release(root: Path, coco_root: Path | None) -> dict[str, list[dict[st
     for file in sorted(root.glob("aokvqa_v1p0_*.json")):
         split = file.stem.removeprefix("aokvqa_v1p0_")
         if split not in SPLIT_NAMES:
-            raise PrepareError(f"cannot tell the split of {file}; expected aokvqa_v1p0_{{train,val,test}}.json")
+            raise UserError(f"cannot tell the split of {file}; expected aokvqa_v1p0_{{train,val,test}}.json")
         rows = []
         for n, question in enumerate(read_json(file)):
             require(question, AOKVQA_RELEASE_KEYS, f"record {n} of {file}", "aokvqa")
@@ -293,9 +291,7 @@ def parquet_split(file: Path) -> str:
     """Return the split of a parquet file named like the hub's ``<split>-00000-of-00001.parquet``."""
     name = file.name.split("-")[0].removesuffix(".parquet")
     if name not in SPLIT_NAMES:
-        raise PrepareError(
-            f"cannot tell the split of {file}; name it <split>-*.parquet, split train, validation or test"
-        )
+        raise UserError(f"cannot tell the split of {file}; name it <split>-*.parquet, split train, validation or test")
     return SPLIT_NAMES[name]
 
 
@@ -304,7 +300,7 @@ def load_local(path: Path, dataset: str) -> datasets.DatasetDict:
     if (path / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(path))
     if (path / "state.json").is_file():
-        raise PrepareError(
+        raise UserError(
             f"{path} holds one saved split; save the splits together, e.g. "
             "DatasetDict({'train': ds}).save_to_disk(...), and pass that folder"
         )
@@ -313,14 +309,14 @@ def load_local(path: Path, dataset: str) -> datasets.DatasetDict:
         files.setdefault(parquet_split(file), []).append(str(file))
     if not files:
         release = {"scienceqa": ", no problems.json", "aokvqa": ", no aokvqa_v1p0_<split>.json"}.get(dataset, "")
-        raise PrepareError(
+        raise UserError(
             f"{path} has no dataset_dict.json (from save_to_disk), no *.parquet files in it or in data/{release}; "
             "pass a folder in one of those formats (see --help)"
         )
     try:
         return datasets.load_dataset("parquet", data_files=files)
     except (DatasetGenerationError, ValueError, OSError) as error:
-        raise PrepareError(
+        raise UserError(
             f"could not read the parquet files of {path} as one data set ({first_line(error)}); "
             "pass a folder that holds only this data set's parquet files"
         ) from None
@@ -331,7 +327,7 @@ def load_hub(hub_id: str) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(hub_id)
     except Exception as error:  # offline, unknown or gated: every failure ends the run with the same advice
-        raise PrepareError(
+        raise UserError(
             f"{hub_id} is not a local folder and loading it from the Hugging Face hub failed ({first_line(error)}); "
             "check the path, or download the data set on a machine with internet (see README)"
         ) from None
@@ -362,10 +358,10 @@ def load_source(dataset: str, source: str, coco_root: Path | None) -> dict[str, 
             return aokvqa_release(path, coco_root)
         return checked_splits(load_local(path, dataset), dataset, source)
     if path.exists():
-        raise PrepareError(f"--source {source} is a file; pass the folder that holds the data set")
+        raise UserError(f"--source {source} is a file; pass the folder that holds the data set")
     if HUB_ID.fullmatch(source):
         return checked_splits(load_hub(source), dataset, source)
-    raise PrepareError(
+    raise UserError(
         f"source folder {source} does not exist; pass an existing folder or a hub id such as {HUB_IDS[dataset]}"
     )
 
@@ -380,17 +376,17 @@ def save_image(image: Path | dict[str, Any], out_dir: Path, split: str, record_i
     elif isinstance(image, (Path, dict)):
         file = image if isinstance(image, Path) else Path(image.get("path") or "")
         if not file.is_file():
-            raise PrepareError(
+            raise UserError(
                 f"record {record_id}: image file {file} is missing; unpack the data set's images where its "
                 "release puts them (or check --coco-root)"
             )
         data = file.read_bytes()
     else:
-        raise PrepareError(f"record {record_id}: its image is a {type(image).__name__}, not an image file or bytes")
+        raise UserError(f"record {record_id}: its image is a {type(image).__name__}, not an image file or bytes")
     try:
         picture = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise PrepareError(f"record {record_id}: its image is not a readable image file") from None
+        raise UserError(f"record {record_id}: its image is not a readable image file") from None
     suffix = {"PNG": ".png", "JPEG": ".jpg"}.get(picture.format, ".png")
     relative = f"images/{split}/{SAFE_NAME.sub('_', record_id)}{suffix}"
     target = out_dir / relative
@@ -440,7 +436,7 @@ def prepare(
     wanted = list(dict.fromkeys(SPLIT_NAMES[s] for s in splits)) if splits else [s for s in SPLITS if s in rows]
     for split in wanted:
         if split not in rows:
-            raise PrepareError(f"{source} has no '{split}' split (it has: {', '.join(sorted(rows))})")
+            raise UserError(f"{source} has no '{split}' split (it has: {', '.join(sorted(rows))})")
     out_dir.mkdir(parents=True, exist_ok=True)
     return [write_split(dataset, split, rows[split], out_dir, options) for split in wanted]
 
@@ -452,8 +448,9 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line; user errors end it with one ``prepare_data.py: ...`` line and exit status 1."""
+    """Run the command line: prepare the splits, then print one summary line per split."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(CONVERTERS))
     parser.add_argument("--source", required=True, help="hub id, save_to_disk folder, parquet folder or release")
@@ -468,11 +465,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--coco-root", type=Path, help="A-OKVQA JSON release: folder with train2017/, val2017/")
     args = parser.parse_args(argv)
     options = Options(args.max_steps, args.max_step_chars, args.with_lecture, args.all_questions, args.coco_root)
-    try:
-        summaries = prepare(args.dataset, args.source, args.out, options, args.split)
-    except PrepareError as error:
-        raise SystemExit(f"prepare_data.py: {error}") from None
-    for summary in summaries:
+    for summary in prepare(args.dataset, args.source, args.out, options, args.split):
         print(summary.line())
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from checkpoint import atomic_write_text
-from utils import UserError
+from utils import UserError, entry_point
 
 
 class MetricsLog:
@@ -150,7 +150,9 @@ def plot_methods(rows: list[dict], out: Path) -> Path:
     return out
 
 
+@entry_point
 def main() -> None:
+    """`python report.py METRICS`: print the stage table and write the plot beside the metrics file."""
     parser = argparse.ArgumentParser(description="Print the stage table and plot a run's metrics.jsonl.")
     parser.add_argument("metrics", type=Path)
     args = parser.parse_args()

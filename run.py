@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
@@ -28,7 +27,16 @@ from dataset import CoconutDataset, stage_for_epoch
 from evaluate import generate_and_score, summarize
 from internvl import LATENT_TOKENS, checkpoint_vision_tower, image_seq_length, load_base, tile_size
 from scoring import accuracy_report
-from utils import Config, DistInfo, UserError, config_parser, dist_info, load_config, seed_everything
+from utils import (
+    Config,
+    DistInfo,
+    UserError,
+    config_parser,
+    dist_info,
+    entry_point,
+    load_config,
+    seed_everything,
+)
 
 
 def setup_distributed(config: Config) -> tuple[DistInfo, torch.device]:
@@ -135,7 +143,9 @@ def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: C
         print(json.dumps(result))
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
+    """`python run.py CONFIG [key=value ...]`: train through the curriculum, or evaluate with only_eval."""
     args = config_parser("Train or evaluate Coconut on InternVL.").parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -159,11 +169,6 @@ def main(argv: list[str] | None = None) -> None:
             base = model.base
             model = parallelize(model, config, device)
             trainer.train(config, info, device, model, base, tokenizer, data, autocast_context(config, device))
-    except UserError as err:
-        # a loader worker's error arrives wrapped in the worker's traceback, whose last line holds the message
-        message = str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,20 +10,50 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import random
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 import torch
 import yaml
 
+P = ParamSpec("P")
+
 
 class UserError(Exception):
-    """A mistake the user can fix (config, data, paths); entry points print it as one line and exit 2."""
+    """A mistake the user can fix (config, data, paths, checkpoints): the one error type `entry_point` reports as
+    one line, without a traceback."""
+
+
+def entry_point(main: Callable[P, None]) -> Callable[P, None]:
+    """Wrap the `main` of a command-line file: a UserError ends it with one `error: <message>` line on stderr and
+    exit status 2, whichever process raised it."""
+
+    @functools.wraps(main)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {_message(err)}", file=sys.stderr)
+            sys.exit(2)
+
+    return run
+
+
+def _message(err: UserError) -> str:
+    """The one-line message of a UserError. A DataLoader worker's error reaches the main process re-raised with the
+    worker's whole traceback as its text; the message is that traceback's last line, after the type name."""
+    text = str(err).strip()
+    if text.startswith("Caught UserError"):
+        return text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataset import (
     tokenize_record,
 )
 from internvl import image_seq_length, load_base, tile_size
-from utils import Config, UserError, config_parser, load_config
+from utils import Config, UserError, config_parser, entry_point, load_config
 
 
 def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int) -> tuple[int, list[str]]:
@@ -51,14 +51,12 @@ def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int
     return len(records), problems
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
+    """`python validate.py CONFIG [key=value ...]`: one line per problem, exit status 1 when there is any."""
     args = config_parser("List every bad record of a config's data files.").parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        base, tokenizer = load_base(config.model_id, config.latent_init)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config = load_config(args.config, args.overrides)
+    base, tokenizer = load_base(config.model_id, config.latent_init)
     tile, per_tile = tile_size(base.config), image_seq_length(base.config)
     failed = False
     for path in dict.fromkeys(p for p in (config.train_path, config.val_path) if p):

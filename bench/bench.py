@@ -38,7 +38,10 @@ from cpu import run_cpu  # noqa: E402
 from gpu import run_gpu  # noqa: E402
 from measure import TIMING_MMAP_THRESHOLD, machine, set_mmap_threshold  # noqa: E402
 
+from utils import entry_point  # noqa: E402
 
+
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, fix the thread count and the allocator, run the CPU or the GPU benchmark and write its
     numbers, with the machine they were measured on and the run's seconds, to the JSON file."""

@@ -6,6 +6,7 @@ independently of convert.py, together with an offline byte-level tokenizer.
 """
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -18,13 +19,13 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTr
 
 import convert
 from convert import (
-    CheckpointError,
     convert_state_dict,
     is_original_layout,
     load_internvl,
     native_config_from_original,
     pick_attn_implementation,
 )
+from utils import UserError
 
 VISION = dict(
     hidden_size=32,
@@ -230,27 +231,32 @@ def test_cli_writes_native_copy_that_loads_directly(tmp_path: Path, capsys: pyte
 
 
 def test_missing_folder_is_one_clear_line(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="absent: no such folder"):
+    with pytest.raises(UserError, match="absent: no such folder"):
         load_internvl(str(tmp_path / "absent"))
-    with pytest.raises(SystemExit, match="^error: .*absent: no such folder[^\n]*$"):
+
+
+def test_cli_reports_a_missing_folder_as_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
         convert.main([str(tmp_path / "absent"), str(tmp_path / "native")])
+    assert stop.value.code == 2
+    assert re.fullmatch(r"error: .*absent: no such folder[^\n]*\n", capsys.readouterr().err)
 
 
 def test_folder_without_config_json(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         load_internvl(str(tmp_path))
 
 
 def test_folder_without_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(original_config(False, "layer_norm", False, True)))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="no model.safetensors"):
         load_internvl(str(tmp_path))
 
 
 def test_folder_without_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(original_config(False, "layer_norm", False, True)))
     save_file({"mlp1.0.weight": torch.ones(128)}, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="no tokenizer"):
+    with pytest.raises(UserError, match="no tokenizer"):
         load_internvl(str(tmp_path))
 
 
@@ -259,7 +265,7 @@ def test_unexpected_original_key_is_named(tmp_path: Path) -> None:
     model = native_model(variant["tied"], variant["norm_type"], variant["qk_norm"], variant["qkv_bias"])
     extra = {"vision_model.encoder.layers.0.attn.extra_scale": torch.ones(32)}
     write_original_checkpoint(tmp_path, model, variant, extra=extra)
-    with pytest.raises(CheckpointError, match=r"1 original weight\(s\).*layers\.0\.attn\.extra_scale"):
+    with pytest.raises(UserError, match=r"1 original weight\(s\).*layers\.0\.attn\.extra_scale"):
         load_internvl(str(tmp_path))
 
 
@@ -275,7 +281,7 @@ def test_head_tying_follows_config_and_stored_head() -> None:
     stored = {"language_model.model.embed_tokens.weight": embeddings, "language_model.lm_head.weight": embeddings}
     assert convert_state_dict(stored, tied)["lm_head.weight"] is embeddings
     stored["language_model.lm_head.weight"] = torch.zeros(300, 64)
-    with pytest.raises(CheckpointError, match="differs from the embeddings"):
+    with pytest.raises(UserError, match="differs from the embeddings"):
         convert_state_dict(stored, tied)
 
 
@@ -287,7 +293,7 @@ def test_keys_a_config_leaves_out_take_the_original_defaults() -> None:
     vision = native_config_from_original(original, 258).vision_config
     assert (vision.norm_type, vision.use_qk_norm, vision.attention_bias) == ("rms_norm", True, False)
     del original["ps_version"]
-    with pytest.raises(CheckpointError, match=r"ps_version 'v1' \(v1 when the config leaves it out\)"):
+    with pytest.raises(UserError, match=r"ps_version 'v1' \(v1 when the config leaves it out\)"):
         native_config_from_original(original, 258)
 
 

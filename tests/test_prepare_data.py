@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -159,11 +160,13 @@ def run(*args: str | Path) -> None:
 
 
 def user_error(*args: str | Path) -> str:
-    """Run the command line, expecting it to stop on a user error; return the message."""
-    with pytest.raises(SystemExit) as stop:
+    """Run the command line, expecting it to stop on a user error (one `error:` line, exit status 2); return it."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
         run(*args)
-    message = str(stop.value.code)
-    assert message.startswith("prepare_data.py: ") and "\n" not in message
+    assert stop.value.code == 2
+    message = stderr.getvalue().splitlines()[-1]
+    assert message.startswith("error: ")
     return message
 
 
@@ -504,8 +507,8 @@ def test_missing_source_folder_is_one_line_without_traceback(tmp_path: Path) -> 
         text=True,
         cwd=tmp_path,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr == (
-        f"prepare_data.py: source folder {missing} does not exist; "
+        f"error: source folder {missing} does not exist; "
         "pass an existing folder or a hub id such as derek-thomas/ScienceQA\n"
     )
