@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from utils import UserError, gather_objects, rank_world
+from distributed import dist_info, gather_objects
+from utils import UserError
 
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
 
@@ -48,10 +49,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _rank() -> int:
-    return rank_world()[0]
 
 
 def _position(path: Path) -> tuple[int, int] | None:
@@ -78,7 +75,7 @@ def save_checkpoint(folder: Path, progress, model, optimizer) -> Path:
     model_state, optim_state = get_state_dict(model, [optimizer], options=options)
     progresses, rngs = gather_objects(dataclasses.asdict(progress)), gather_objects(rng_state())
     path = checkpoint_path(folder, progress.epoch, progress.micro)
-    if _rank() == 0:
+    if dist_info().rank == 0:
         state = {"model": model_state, "optimizer": optim_state, "progress": progresses, "rng": rngs}
         digest = atomic_save(state, path)
         atomic_write_text(path.with_suffix(".sha256"), digest)
@@ -132,14 +129,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
         expected = path.with_suffix(".sha256")
         if expected.is_file() and expected.read_text().strip() == _sha256(path):
             return path
-        if _rank() == 0:
+        if dist_info().rank == 0:
             print(f"ignoring {path}: incomplete or corrupt (no matching {expected.name})", file=sys.stderr)
     return None
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (rank 0 only; the others return at once)."""
-    if _rank() != 0:
+    if dist_info().rank != 0:
         return
     for path in _checkpoints(folder)[:-keep]:
         path.with_suffix(".sha256").unlink(missing_ok=True)
@@ -163,7 +160,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     Only a job of as many processes as wrote it can resume it: the progress and data order are per rank.
     """
     state = _read_state(path)
-    written, world = len(state["progress"]), rank_world()[1]
+    written, world = len(state["progress"]), dist_info().world_size
     if written != world:
         raise UserError(f"{path}: written by {written} process(es), this job has {world}; resume with {written}")
     set_state_dict(
@@ -173,8 +170,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )
-    set_rng_state(state["rng"][_rank()])
-    return state["progress"][_rank()]
+    set_rng_state(state["rng"][dist_info().rank])
+    return state["progress"][dist_info().rank]
 
 
 def load_model_weights(path: str, model: torch.nn.Module) -> None:
@@ -195,7 +192,7 @@ def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, 
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state, _ = get_state_dict(model, [], options=options)
-    if _rank() != 0:
+    if dist_info().rank != 0:
         return
     prefix = "base."
     base.save_pretrained(folder, state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from utils import is_distributed
+from distributed import is_distributed
 
 
 class CoconutOutput:

@@ -24,9 +24,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
+from config import Config
 from internvl import LATENT_TOKENS
 from scoring import choice_index
-from utils import Config, UserError
+from utils import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dataset import CoconutDataset, collate, to_device
+from distributed import dist_info, gather_objects, is_distributed
 from scoring import extract_answer, is_correct
-from utils import gather_objects, is_distributed, rank_world
 
 
 def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
@@ -40,9 +40,9 @@ def _batches(data: CoconutDataset, batch_size: int, rank: int, world: int):
 @torch.no_grad()
 def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.device, autocast=nullcontext) -> float:
     """Mean per-example loss over `data` (training sequences at its current stage), across all ranks."""
-    rank, world = rank_world()
+    info = dist_info()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in _batches(data, batch_size, rank, world):
+    for batch in _batches(data, batch_size, info.rank, info.world_size):
         counted = batch.pop("counted").to(device)
         batch.pop("index")
         batch = to_device(batch, device)
@@ -82,11 +82,11 @@ def generate_and_score(
     and including EOS) and the per-example share of its batch's latency. `blank_images` replaces every tile with
     zeros, to measure how much the answers depend on the image.
     """
-    rank, world = rank_world()
+    info = dist_info()
     generate = model.module.generate if hasattr(model, "module") else model.generate
     rows = []
-    batches = _batches(data, batch_size, rank, world)
-    total = -(-len(shard(len(data), rank, world)) // batch_size)
+    batches = _batches(data, batch_size, info.rank, info.world_size)
+    total = -(-len(shard(len(data), info.rank, info.world_size)) // batch_size)
     for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
         pixel_values = batch_pixels(batch, device, blank_images)
         start = time.perf_counter()

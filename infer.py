@@ -27,11 +27,13 @@ from transformers import PreTrainedTokenizerBase
 
 import report
 from coconut import Coconut
+from config import Config
 from dataset import CoconutDataset, collate
+from distributed import autocast_context
 from evaluate import batch_pixels, generate_and_score, summarize
-from run import autocast_context, build_model, open_dataset
+from run import build_model, open_dataset
 from scoring import accuracy_report, format_report
-from utils import Config, UserError, entry_point
+from utils import UserError, entry_point
 
 
 @dataclass

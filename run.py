@@ -9,12 +9,7 @@ This file sets up the job (config, processes, model, parallel wrapping); trainer
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-from contextlib import nullcontext
-from datetime import timedelta
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,53 +18,13 @@ import torch.distributed as dist
 import checkpoint
 import trainer
 from coconut import Coconut
+from config import Config, config_parser, load_config
 from dataset import CoconutDataset, stage_for_epoch
+from distributed import DistInfo, autocast_context, check_parallel, parallelize, setup_distributed
 from evaluate import generate_and_score, summarize
-from internvl import LATENT_TOKENS, checkpoint_vision_tower, image_seq_length, load_base, tile_size
+from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
 from scoring import accuracy_report
-from utils import (
-    Config,
-    DistInfo,
-    UserError,
-    config_parser,
-    dist_info,
-    entry_point,
-    load_config,
-    seed_everything,
-)
-
-
-def setup_distributed(config: Config) -> tuple[DistInfo, torch.device]:
-    """Join the torchrun job if there is one (nccl on CUDA, gloo on CPU); the device is the local rank's.
-
-    Collectives time out after dist_timeout_s, so the survivors of a dead rank exit instead of hanging.
-    """
-    info = dist_info()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if info.world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=config.dist_timeout_s))
-        if not cuda:  # ranks on one host share its cores; oversubscribing them is many times slower
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    return info, device
-
-
-def check_parallel(config: Config, info: DistInfo, path: str) -> Config:
-    """The config with its parallel wrapping checked against the number of processes. Several processes need
-    use_ddp or use_fsdp (unwrapped, each would train its own copy of the model); one process needs neither, so
-    `python run.py` runs a torchrun config on one device, unwrapped, and says so."""
-    if info.world_size > 1 and not (config.use_ddp or config.use_fsdp):
-        raise UserError(
-            f"{path}: {info.world_size} processes but neither use_ddp nor use_fsdp is true; set one "
-            "(each process would otherwise train its own copy of the model)"
-        )
-    if info.world_size == 1 and (config.use_ddp or config.use_fsdp):
-        print(f"one process: {'use_ddp' if config.use_ddp else 'use_fsdp'} has no effect, the model runs unwrapped")
-        return dataclasses.replace(config, use_ddp=False, use_fsdp=False)
-    return config
+from utils import UserError, entry_point, seed_everything
 
 
 def build_model(config: Config) -> tuple[Coconut, object]:
@@ -84,34 +39,6 @@ def build_model(config: Config) -> tuple[Coconut, object]:
     if start_from != "none" and Path(start_from).is_file():
         checkpoint.load_model_weights(start_from, model)
     return model, tokenizer
-
-
-def parallelize(model: Coconut, config: Config, device: torch.device) -> torch.nn.Module:
-    """Move to `device` and wrap for DDP or FSDP2 (each vision and decoder layer sharded, then the root)."""
-    model.to(device)
-    if config.activation_checkpointing:
-        checkpoint_vision_tower(model.base)
-    if config.use_ddp:
-        device_ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if config.use_fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 else None
-        kwargs = {"mp_policy": policy} if policy else {}
-        layers = list(model.base.model.vision_tower.encoder.layer) + list(model.decoder.layers)
-        for layer in layers:
-            fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)
-        register_fsdp_forward_method(model, "generate")
-    return model
-
-
-def autocast_context(config: Config, device: torch.device):
-    """bf16 autocast when `bf16` is set, except under FSDP2, whose mixed-precision policy casts instead."""
-    if config.bf16 and not config.use_fsdp:
-        return partial(torch.autocast, device.type, torch.bfloat16)
-    return nullcontext
 
 
 def open_dataset(path: str, tokenizer, config: Config, model: Coconut, training: bool = False) -> CoconutDataset:

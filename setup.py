@@ -18,9 +18,11 @@ setup(
     py_modules=[
         "checkpoint",
         "coconut",
+        "config",
         "convert",
         "dataset",
         "demo_data",
+        "distributed",
         "evaluate",
         "infer",
         "internvl",

@@ -26,9 +26,11 @@ from tqdm import tqdm
 
 import checkpoint
 import report
+from config import Config
 from dataset import CoconutDataset, collate, stage_for_epoch, to_device
+from distributed import DistInfo, is_distributed
 from evaluate import generate_and_score, summarize, validation_loss
-from utils import Config, DistInfo, UserError, is_distributed
+from utils import UserError
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
 

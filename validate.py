@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from config import Config, config_parser, load_config
 from dataset import (
     image_file,
     image_paths,
@@ -22,7 +23,7 @@ from dataset import (
     tokenize_record,
 )
 from internvl import image_seq_length, load_base, tile_size
-from utils import Config, UserError, config_parser, entry_point, load_config
+from utils import UserError, entry_point
 
 
 def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int) -> tuple[int, list[str]]:

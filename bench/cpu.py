@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 import demo_data
 from coconut import Coconut
+from config import Config
 from internvl import LATENT_TOKENS, fuse_rms_norms, load_base, tile_size
-from utils import Config
 
 LATENTS = (0, 2, 4, 8)
 # Qwen2-shaped text models: (hidden, layers, heads, kv heads, intermediate); vocabulary TEXT_VOCAB

@@ -23,8 +23,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
 from coconut import Coconut
+from config import Config
 from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, load_base, tile_size
-from utils import Config
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -15,9 +15,9 @@ from measure import Column
 from PIL import Image
 from transformers import InternVLConfig, PreTrainedTokenizerBase
 
+from config import Config
 from dataset import CoconutDataset, collate
 from internvl import image_seq_length
-from utils import Config
 
 DATA_COLUMNS: list[Column] = [
     ("data", "data", "{}"),

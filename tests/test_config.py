@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from utils import Config, UserError, load_config
+from config import Config, load_config
+from utils import UserError
 
 
 def write(tmp_path, name, text):

@@ -13,6 +13,7 @@ from conftest import make_coconut
 from PIL import Image
 
 import dataset
+from config import Config
 from dataset import (
     CoconutDataset,
     collate,
@@ -27,7 +28,7 @@ from dataset import (
 )
 from internvl import LATENT_TOKENS, image_seq_length, tile_size
 from scoring import is_correct
-from utils import Config, UserError
+from utils import UserError
 from validate import find_problems
 
 

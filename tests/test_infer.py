@@ -16,10 +16,10 @@ from conftest import make_coconut
 import demo_data
 import infer
 from checkpoint import export_pretrained
+from config import Config
 from dataset import CoconutDataset
 from evaluate import generate_and_score
 from internvl import image_seq_length, load_base, tile_size
-from utils import Config
 
 SETTINGS = {"max_new_tokens": 8, "max_num_tiles": 1, "eval_batch_size": 4}
 COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)

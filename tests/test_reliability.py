@@ -23,9 +23,11 @@ import report
 import run as run_module
 import trainer
 from coconut import Coconut
+from config import Config
 from dataset import CoconutDataset, load_records, tile_image, to_rgb
+from distributed import DistInfo
 from internvl import load_base
-from utils import Config, DistInfo, UserError
+from utils import UserError
 
 
 @pytest.fixture(scope="module")

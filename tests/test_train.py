@@ -15,10 +15,11 @@ from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import trainer
+from config import Config
 from dataset import CoconutDataset, collate
+from distributed import DistInfo
 from evaluate import shard
 from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
-from utils import Config, DistInfo
 
 
 def relative_distance(a: dict, b: dict) -> float:

@@ -1,0 +1,116 @@
+"""Where a process sits in a torchrun job, and what that changes: joining the job, wrapping the model for DDP or
+FSDP2, bf16 autocast, and collecting values from every rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from config import Config
+from internvl import checkpoint_vision_tower
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job; a plain `python` run is rank 0 of 1."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints, logs and writes files."""
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Read rank, local rank (which device this process drives) and world size from torchrun's environment."""
+    env = os.environ
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running (collectives must then match)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj` (any picklable value), in rank order; a one-element list outside a multi-rank job."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def setup_distributed(config: Config) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun job if there is one (nccl on CUDA, gloo on CPU); the device is the local rank's.
+
+    Collectives time out after dist_timeout_s, so the survivors of a dead rank exit instead of hanging.
+    """
+    info = dist_info()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if info.world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=config.dist_timeout_s))
+        if not cuda:  # ranks on one host share its cores; oversubscribing them is many times slower
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return info, device
+
+
+def check_parallel(config: Config, info: DistInfo, path: str) -> Config:
+    """The config with its parallel wrapping checked against the number of processes. Several processes need
+    use_ddp or use_fsdp (unwrapped, each would train its own copy of the model); one process needs neither, so
+    `python run.py` runs a torchrun config on one device, unwrapped, and says so."""
+    if info.world_size > 1 and not (config.use_ddp or config.use_fsdp):
+        raise UserError(
+            f"{path}: {info.world_size} processes but neither use_ddp nor use_fsdp is true; set one "
+            "(each process would otherwise train its own copy of the model)"
+        )
+    if info.world_size == 1 and (config.use_ddp or config.use_fsdp):
+        print(f"one process: {'use_ddp' if config.use_ddp else 'use_fsdp'} has no effect, the model runs unwrapped")
+        return dataclasses.replace(config, use_ddp=False, use_fsdp=False)
+    return config
+
+
+def parallelize(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
+    """Move a Coconut model to `device` and wrap it for DDP or FSDP2 (each vision and decoder layer sharded, then
+    the root); with activation_checkpointing, its vision tower recomputes activations in backward."""
+    model.to(device)
+    if config.activation_checkpointing:
+        checkpoint_vision_tower(model.base)
+    if config.use_ddp:
+        device_ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if config.use_fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 else None
+        kwargs = {"mp_policy": policy} if policy else {}
+        layers = list(model.base.model.vision_tower.encoder.layer) + list(model.decoder.layers)
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def autocast_context(config: Config, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """bf16 autocast when `bf16` is set, except under FSDP2, whose mixed-precision policy casts instead."""
+    if config.bf16 and not config.use_fsdp:
+        return partial(torch.autocast, device.type, torch.bfloat16)
+    return nullcontext
