@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from config import Config
+from curriculum import has_markers, longest_sequence, stage_plan
 from internvl import LATENT_TOKENS
 from scoring import choice_index
 from utils import UserError
@@ -195,39 +196,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-# ---------------------------------------------------------------------------------------------- curriculum
-
-
-def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
-    """(steps removed, latent tokens) for a record with `n_steps` steps at curriculum `stage`.
-
-    Stage k removes the first k steps and puts k x c_thought latents in their place; past max_latent_stage all
-    steps go. The number of latent steps is capped at max_latent_stage and, unless pad_latent_to_max, at the
-    record's own step count. The same rule builds training sequences and evaluation prompts.
-    """
-    if config.cot:
-        return 0, 0
-    if config.no_cot:
-        return n_steps, 0
-    removed = n_steps if stage > config.max_latent_stage else min(stage, n_steps)
-    latent_steps = min(stage, config.max_latent_stage)
-    if not config.pad_latent_to_max:
-        latent_steps = min(latent_steps, n_steps)
-    return removed, 0 if config.no_thoughts else latent_steps * config.c_thought
-
-
-def stage_for_epoch(epoch: int, config: Config) -> int:
-    """The curriculum stage trained in `epoch` (0-based): each stage lasts the epochs_per_stage in force at that
-    stage (stage_overrides may lengthen stage 0, say); stage 0 throughout for cot/no_cot."""
-    if not config.coconut:
-        return 0
-    stage, first_epoch = 0, 0
-    while epoch >= first_epoch + config.for_stage(stage).epochs_per_stage:
-        first_epoch += config.for_stage(stage).epochs_per_stage
-        stage += 1
-    return stage
-
-
 @dataclass
 class TokenizedRecord:
     """A record's token ids, computed once: the prompt (image block and question), each step, the answer."""
@@ -267,23 +235,6 @@ def tokenize_record(
     return TokenizedRecord(prompt, steps, answer, paths, counts)
 
 
-def has_markers(config: Config) -> bool:
-    """Whether sequences carry <|start-latent|> and <|end-latent|>: in coconut mode, unless no_thoughts."""
-    return config.coconut and not config.no_thoughts
-
-
-def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
-    """The length of the longest training sequence the record gives at any stage: stage 0 for cot and no_cot,
-    stages 0..max_latent_stage for coconut, each laid out by `stage_plan` as `CoconutDataset` builds it (markers,
-    that stage's latents, the steps it keeps). Later stages and uniform_prob's draws give nothing longer: past
-    max_latent_stage every step goes and the latent count stays at its maximum."""
-    last = config.max_latent_stage if config.coconut else 0
-    plans = (stage_plan(stage, len(tokens.steps), config) for stage in range(last + 1))
-    middle = max(latents + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
-    markers = 2 if has_markers(config) else 0
-    return len(tokens.prompt) + markers + middle + len(tokens.answer)
-
-
 class TileCache:
     """Decoded tiles by image path, up to `limit` bytes; one object, so a dataset and its `prompts()` view share
     the tiles and the budget."""
@@ -300,7 +251,7 @@ class TileCache:
 
 
 class CoconutDataset(torch.utils.data.Dataset):
-    """Records of one file, tokenised once, served at the stage set by `set_epoch`.
+    """Records of one file, tokenised once, served at the stage set by `set_stage`.
 
     An item is the full training sequence with labels (-100 on image, question, markers and latents); the view
     returned by `prompts()` serves evaluation prompts instead (up to and including the latents). Only a
@@ -367,9 +318,10 @@ class CoconutDataset(torch.utils.data.Dataset):
         view.for_generation = True
         return view
 
-    def set_epoch(self, epoch: int) -> None:
-        """Serve the curriculum stage of `epoch`; with uniform_prob, each item's stage is redrawn per epoch."""
-        self.epoch, self.stage = epoch, stage_for_epoch(epoch, self.config)
+    def set_stage(self, stage: int, epoch: int = 0) -> None:
+        """Serve curriculum `stage` (the trainer reads it from the run's Schedule); `epoch` seeds uniform_prob's
+        draws, so with uniform_prob each item's stage is redrawn per epoch."""
+        self.stage, self.epoch = stage, epoch
 
     def item_stage(self, index: int) -> int:
         """The stage of item `index` this epoch: the epoch's stage, or with probability uniform_prob a stage

@@ -81,7 +81,7 @@ def open_prompts(exported: Exported, records: str, stage: int, pad_latents: bool
         raise UserError(f"{records}: records file not found")
     config = dataclasses.replace(exported.config, pad_latent_to_max=exported.config.pad_latent_to_max or pad_latents)
     prompts = open_dataset(records, exported.tokenizer, config, exported.model).prompts()
-    prompts.stage = stage
+    prompts.set_stage(stage)
     return prompts
 
 

@@ -19,7 +19,8 @@ import checkpoint
 import trainer
 from coconut import Coconut
 from config import Config, config_parser, load_config
-from dataset import CoconutDataset, stage_for_epoch
+from curriculum import Schedule
+from dataset import CoconutDataset
 from distributed import DistInfo, autocast_context, check_parallel, parallelize, setup_distributed
 from evaluate import generate_and_score, summarize
 from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
@@ -54,7 +55,7 @@ def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: C
     if config.load_model_path == "none":
         raise UserError("config: only_eval needs load_model_path (a checkpoint file or an exported folder)")
     data = open_dataset(config.val_path, tokenizer, config, model)
-    data.stage = config.eval_stage if config.eval_stage >= 0 else stage_for_epoch(config.num_epochs - 1, config)
+    data.set_stage(config.eval_stage if config.eval_stage >= 0 else Schedule.from_config(config).last_stage)
     model = parallelize(model, config, device)
     model.eval()
     rows = generate_and_score(

@@ -20,6 +20,7 @@ setup(
         "coconut",
         "config",
         "convert",
+        "curriculum",
         "dataset",
         "demo_data",
         "distributed",

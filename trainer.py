@@ -27,7 +27,8 @@ from tqdm import tqdm
 import checkpoint
 import report
 from config import Config
-from dataset import CoconutDataset, collate, stage_for_epoch, to_device
+from curriculum import Schedule
+from dataset import CoconutDataset, collate, to_device
 from distributed import DistInfo, is_distributed
 from evaluate import generate_and_score, summarize, validation_loss
 from utils import UserError
@@ -96,6 +97,7 @@ def train(
     folder = Path(config.save_path) / config.name
     train_data, val_data = data
     val_prompts = val_data.prompts()
+    schedule = Schedule.from_config(config)
     optimizer = make_optimizer(model, config)
     logger = report.MetricsLog(folder, config, info.is_main)
     progress = Progress()
@@ -111,23 +113,17 @@ def train(
             print(f"resumed from {latest} (epoch {progress.epoch}, micro-batch {progress.micro})")
     logger.drop_from(progress.epoch)  # the epochs this run (re)does, all of them when no checkpoint was found
     stop = StopFlag()
-    samples = math.ceil(len(train_data) / info.world_size)  # per rank, as DistributedSampler deals them
 
     for epoch in range(progress.epoch, config.num_epochs):
-        stage = stage_for_epoch(epoch, config)
-        stage_config = config.for_stage(stage)
-        starting = progress.micro == 0
-        if starting and epoch > 0 and stage != stage_for_epoch(epoch - 1, config) and config.reset_optimizer:
-            optimizer = make_optimizer(model, stage_config)
+        stage = schedule.stage(epoch)
+        if progress.micro == 0 and schedule.resets_optimizer(epoch):  # not when resuming mid-epoch
+            optimizer = make_optimizer(model, schedule.stage_config(epoch))
             progress.step = 0
         for dataset in (train_data, val_data, val_prompts):
-            dataset.set_epoch(epoch)
+            dataset.set_stage(stage, epoch)
         progress.epoch = epoch
         start, samples_before = time.perf_counter(), progress.samples  # a resumed epoch counts from here
-        total_steps = _schedule_steps(epoch, config, samples)
-        finished = train_epoch(
-            model, optimizer, train_data, stage_config, total_steps, progress, info, device, autocast, stop
-        )
+        finished = train_epoch(model, optimizer, train_data, schedule, progress, info, device, autocast, stop)
         if not finished:
             _stopped(checkpoint.save_checkpoint(folder, progress, model, optimizer), info)
         samples_per_s = (progress.samples - samples_before) * info.world_size / (time.perf_counter() - start)
@@ -150,31 +146,30 @@ def train(
         if saved:
             path = checkpoint.save_checkpoint(folder, progress, model, optimizer)
             checkpoint.prune_checkpoints(folder, config.keep_checkpoints)
-        if epoch == config.num_epochs - 1 or stage_for_epoch(epoch + 1, config) != stage:
+        if schedule.ends_stage(epoch):
             run_info = {"config": dataclasses.asdict(config), "stage": stage}
             checkpoint.export_pretrained(model, base, tokenizer, folder / f"stage_{stage}", run_info)
         # a signal during evaluation or saving: the epoch's checkpoint is the place to continue from
         if saved and epoch < config.num_epochs - 1 and stop.requested(device):
             _stopped(path, info)
-    final_stage = stage_for_epoch(config.num_epochs - 1, config)
-    run_info = {"config": dataclasses.asdict(config), "stage": final_stage}
+    run_info = {"config": dataclasses.asdict(config), "stage": schedule.last_stage}
     checkpoint.export_pretrained(model, base, tokenizer, folder / "final", run_info)
     if info.is_main and logger.path.exists():
         print(report.stage_table(logger.path))
         print(f"plot: {report.plot_metrics(logger.path, folder / 'metrics.png')}")
 
 
-def train_epoch(
-    model, optimizer, data, config: Config, total_steps: int, progress: Progress, info, device, autocast, stop
-) -> bool:
-    """Train the rest of the current epoch (from `progress.micro`) with the stage's `config`, the learning rate
-    following a schedule of `total_steps` optimizer steps; False when a stop signal ended it early.
+def train_epoch(model, optimizer, data, schedule: Schedule, progress: Progress, info, device, autocast, stop) -> bool:
+    """Train the rest of the current epoch (from `progress.micro`) with its stage's config, the learning rate
+    following the schedule's steps; False when a stop signal ended it early.
 
     The data order depends only on seed and epoch, so a resumed epoch skips exactly the micro-batches that the
     interrupted run had trained. Each optimizer step averages the micro-batch losses of its accumulation group,
     the epoch's last group too when it is shorter.
     """
+    config = schedule.stage_config(progress.epoch)
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
+    total_steps = schedule.lr_steps(progress.epoch, len(sampler))  # len(sampler): this rank's share of the records
     if progress.samples != min(progress.micro * config.batch_size_training, len(sampler)):
         size = progress.samples // progress.micro  # the mid-epoch offset counts micro-batches of this size
         raise UserError(
@@ -251,21 +246,6 @@ def _mean_across_ranks(values: list[float], device: torch.device) -> float:
     if is_distributed():
         dist.all_reduce(total)
     return float(total[0] / total[1].clamp(min=1))
-
-
-def _schedule_steps(epoch: int, config: Config, samples: int) -> int:
-    """Optimizer steps the learning-rate schedule spans at `epoch`: those of the epochs from the last optimizer
-    reset to the next (the stage's with reset_optimizer, else the run's), each epoch at its own stage's batch size
-    and accumulation, for `samples` training records per rank."""
-    stage = stage_for_epoch(epoch, config)
-    total = 0
-    for e in range(config.num_epochs):
-        e_stage = stage_for_epoch(e, config)
-        if config.reset_optimizer and e_stage != stage:
-            continue
-        e_config = config.for_stage(e_stage)
-        total += math.ceil(math.ceil(samples / e_config.batch_size_training) / e_config.gradient_accumulation_steps)
-    return total
 
 
 def _grad_sync(model: torch.nn.Module, sync: bool):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 
 from config import Config, config_parser, load_config
+from curriculum import longest_sequence
 from dataset import (
     image_file,
     image_paths,
-    longest_sequence,
     read_records,
     record_name,
     record_problem,

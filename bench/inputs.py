@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import InternVLConfig, PreTrainedTokenizerBase
 
 from config import Config
+from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from internvl import image_seq_length
 
@@ -73,7 +74,7 @@ def loader_rate(
     at the last epoch's stage: the first pass decodes and tiles every image, later ones find the tiles in the
     dataset's cache. Also returns the first batch."""
     data = CoconutDataset(str(path), tokenizer, config, tile, per_tile)
-    data.set_epoch(config.num_epochs - 1)
+    data.set_stage(Schedule.from_config(config).last_stage)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch, collate_fn=partial(collate, pad_id=data.pad_id, latent_id=data.latent_id)
     )

@@ -14,15 +14,13 @@ from PIL import Image
 
 import dataset
 from config import Config
+from curriculum import Schedule, longest_sequence, stage_plan
 from dataset import (
     CoconutDataset,
     collate,
     load_records,
-    longest_sequence,
     num_tiles,
     record_problem,
-    stage_for_epoch,
-    stage_plan,
     tile_grid,
     tile_image,
 )
@@ -100,7 +98,7 @@ def test_training_sequence_layout_and_labels(tmp_path, tiny_base):
     _, tokenizer = tiny_base
     data = make_dataset(tmp_path, tiny_base)
     start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-    data.set_epoch(1)  # stage 1: first step -> 2 latents
+    data.set_stage(1)  # first step -> 2 latents
     item = data[0]
     text = tokenizer.decode(item["input_ids"])
     assert text.startswith("<img>" + "<IMG_CONTEXT>" * 16 + "</img>\nQ one?\n")
@@ -120,13 +118,13 @@ def test_training_sequence_layout_and_labels(tmp_path, tiny_base):
 def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
     _, tokenizer = tiny_base
     data = make_dataset(tmp_path, tiny_base).prompts()
-    data.set_epoch(2)
+    data.set_stage(2)
     assert tokenizer.decode(data[0]["input_ids"]).endswith(
         "Q one?\n<|start-latent|>" + "<|latent|>" * 4 + "<|end-latent|>"
     )
     assert "labels" not in data[0]
     cot = make_dataset(tmp_path, tiny_base, coconut=False, cot=True)
-    cot.set_epoch(3)
+    cot.set_stage(3)
     assert tokenizer.decode(cot[2]["input_ids"]) == "Q three?\nu1\nu2\n### yes<|im_end|>"
     no_cot = make_dataset(tmp_path, tiny_base, coconut=False, no_cot=True)
     assert tokenizer.decode(no_cot[2]["input_ids"]) == "Q three?\n### yes<|im_end|>"
@@ -135,23 +133,24 @@ def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
 def test_uniform_prob_is_seeded_and_varies_by_epoch(tmp_path, tiny_base):
     data = make_dataset(tmp_path, tiny_base, mix_stages=True, uniform_prob=1.0, max_latent_stage=3)
     validation = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
+    schedule = Schedule.from_config(data.config)
     stages = {}
     for epoch in range(6):
-        data.set_epoch(epoch)
+        data.set_stage(schedule.stage(epoch), epoch)
         stages[epoch] = [data.item_stage(0) for _ in range(2)]
         assert stages[epoch][0] == stages[epoch][1]  # same epoch, same draw
-        validation.set_epoch(epoch)
+        validation.set_stage(schedule.stage(epoch), epoch)
         assert [validation.item_stage(i) for i in range(3)] == [validation.stage] * 3  # only training mixes
     assert len({s[0] for s in stages.values()}) > 1
     again = make_dataset(tmp_path, tiny_base, mix_stages=True, uniform_prob=1.0, max_latent_stage=3)
-    again.set_epoch(4)
+    again.set_stage(schedule.stage(4), 4)
     assert again.item_stage(0) == stages[4][0]
 
 
 def test_collator_aligns_first_latents_and_batch_runs_through_model(tmp_path, tiny_base):
     base, tokenizer = tiny_base
     data = make_dataset(tmp_path, tiny_base)
-    data.set_epoch(1)
+    data.set_stage(1)
     latent = tokenizer.convert_tokens_to_ids("<|latent|>")
     batch = collate([data[i] for i in range(3)], tokenizer.pad_token_id, latent)
     firsts = [row.tolist().index(latent) for row in batch["input_ids"]]
@@ -172,8 +171,8 @@ def test_tokenised_once_and_images_decoded_once(tmp_path, tiny_base, monkeypatch
     opened = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
-    for epoch in range(3):
-        data.set_epoch(epoch)
+    for stage in range(3):
+        data.set_stage(stage)
         for i in range(len(data)):
             data[i]
     assert calls == [] and len(opened) == 2  # two distinct image files, each decoded once
@@ -271,8 +270,9 @@ def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_b
     path = write_data(tmp_path, records, sizes=((64, 64), (128, 64)))
     data = CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
     built = [0] * len(data)
+    schedule = Schedule.from_config(config)
     for epoch in range(config.num_epochs):  # as the trainer walks the curriculum (stages 0..9 here)
-        data.set_epoch(epoch)
+        data.set_stage(schedule.stage(epoch), epoch)
         built = [max(n, len(data[i]["input_ids"])) for i, n in enumerate(built)]
     assert [longest_sequence(tokens, config) for tokens in data.tokens] == built
     # a record exactly at max_length is kept
@@ -281,9 +281,19 @@ def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_b
     assert len(fits) == len(records)
 
 
-def test_stage_for_epoch_with_a_longer_first_stage():
+def test_schedule_with_a_longer_first_stage():
     # overrides hold from their stage on: stage 0 lasts 3 epochs, later stages 2
     overrides = {0: {"epochs_per_stage": 3}, 1: {"epochs_per_stage": 2}, 2: {"lr": 0.1}}
-    config = Config(coconut=True, epochs_per_stage=9, stage_overrides=overrides)
-    assert [stage_for_epoch(e, config) for e in range(9)] == [0, 0, 0, 1, 1, 2, 2, 3, 3]
-    assert [stage_for_epoch(e, Config(cot=True)) for e in range(3)] == [0, 0, 0]
+    schedule = Schedule.from_config(Config(coconut=True, num_epochs=9, epochs_per_stage=9, stage_overrides=overrides))
+    assert schedule.stages == (0, 0, 0, 1, 1, 2, 2, 3, 3)
+    assert [schedule.stage_config(e).lr for e in (4, 5)] == [Config().lr, 0.1]
+    assert [e for e in range(9) if schedule.ends_stage(e)] == [2, 4, 6, 8] and schedule.last_stage == 3
+    assert Schedule.from_config(Config(cot=True, num_epochs=3)).stages == (0, 0, 0)
+
+
+def test_a_stage_of_no_epochs_is_skipped_and_resets_the_optimizer_once():
+    overrides = {0: {"epochs_per_stage": 0}, 1: {"epochs_per_stage": 2}}
+    config = Config(coconut=True, num_epochs=4, reset_optimizer=True, stage_overrides=overrides)
+    schedule = Schedule.from_config(config)
+    assert schedule.stages == (1, 1, 2, 2)
+    assert [e for e in range(4) if schedule.resets_optimizer(e)] == [2]

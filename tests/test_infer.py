@@ -62,7 +62,7 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     base, tokenizer = load_base(str(exported / "coconut"))
     data = CoconutDataset(str(records), tokenizer, COCONUT, tile_size(base.config), image_seq_length(base.config))
     prompts = data.prompts()
-    prompts.stage = 2
+    prompts.set_stage(2)
     expected = generate_and_score(make_coconut(base.eval(), tokenizer), prompts, tokenizer, 4, 8, torch.device("cpu"))
     keys = ("id", "prediction", "answer", "correct", "gen_tokens")
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in expected]

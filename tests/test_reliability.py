@@ -24,6 +24,7 @@ import run as run_module
 import trainer
 from coconut import Coconut
 from config import Config
+from curriculum import Schedule
 from dataset import CoconutDataset, load_records, tile_image, to_rgb
 from distributed import DistInfo
 from internvl import load_base
@@ -371,4 +372,6 @@ def test_a_mid_epoch_resume_at_another_batch_size_stops_with_one_line():
     with pytest.raises(
         UserError, match="stopped epoch 3 after 2 micro-batches of 8; resume with batch_size_training=8"
     ):
-        trainer.train_epoch(None, None, list(range(40)), config, 1, progress, DistInfo(0, 0, 1), None, None, None)
+        trainer.train_epoch(
+            None, None, list(range(40)), Schedule.from_config(config), progress, DistInfo(0, 0, 1), None, None, None
+        )

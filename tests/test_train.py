@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import trainer
 from config import Config
+from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo
 from evaluate import shard
@@ -126,14 +127,13 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
     data = CoconutDataset(
         str(data_dir / "train.jsonl"), tokenizer, config, tile_size(base.config), image_seq_length(base.config)
     )
-    data.set_epoch(0)
     model = make_coconut(base, tokenizer)
     reference = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     never = type("Never", (), {"requested": lambda self, device: False})()
     finished = trainer.train_epoch(
-        model, optimizer, data, config, 2, trainer.Progress(), DistInfo(0, 0, 1), torch.device("cpu"),
-        trainer.nullcontext, never,
+        model, optimizer, data, Schedule.from_config(config), trainer.Progress(), DistInfo(0, 0, 1),
+        torch.device("cpu"), trainer.nullcontext, never,
     )  # fmt: skip
     assert finished
 
@@ -160,9 +160,9 @@ def test_the_schedule_spans_each_epochs_own_steps():
     config = Config(
         coconut=True, num_epochs=4, batch_size_training=2, stage_overrides={2: {"gradient_accumulation_steps": 2}}
     )
-    assert [trainer._schedule_steps(e, config, 8) for e in range(4)] == [12] * 4
+    assert [Schedule.from_config(config).lr_steps(e, 8) for e in range(4)] == [12] * 4
     config.reset_optimizer = True
-    assert [trainer._schedule_steps(e, config, 8) for e in range(4)] == [4, 4, 2, 2]
+    assert [Schedule.from_config(config).lr_steps(e, 8) for e in range(4)] == [4, 4, 2, 2]
 
 
 def test_one_process_runs_a_torchrun_config_and_a_rerun_asks_for_resume(tmp_path, data_dir):

@@ -1,0 +1,110 @@
+"""The curriculum: what a record's sequence holds at each stage, and which stage each epoch of a run trains.
+
+`stage_plan` is the one rule that turns a stage into removed steps and latent tokens, for training sequences and
+evaluation prompts alike. `Schedule` is a run's curriculum over its epochs, computed once from its Config; the
+trainer and only_eval read it, and the datasets are told the stage it gives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from config import Config
+
+if TYPE_CHECKING:  # dataset.py imports this module
+    from dataset import TokenizedRecord
+
+
+def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
+    """(steps removed, latent tokens) for a record with `n_steps` steps at curriculum `stage`.
+
+    Stage k removes the first k steps and puts k x c_thought latents in their place; past max_latent_stage all
+    steps go. The number of latent steps is capped at max_latent_stage and, unless pad_latent_to_max, at the
+    record's own step count. The same rule builds training sequences and evaluation prompts.
+    """
+    if config.cot:
+        return 0, 0
+    if config.no_cot:
+        return n_steps, 0
+    removed = n_steps if stage > config.max_latent_stage else min(stage, n_steps)
+    latent_steps = min(stage, config.max_latent_stage)
+    if not config.pad_latent_to_max:
+        latent_steps = min(latent_steps, n_steps)
+    return removed, 0 if config.no_thoughts else latent_steps * config.c_thought
+
+
+def has_markers(config: Config) -> bool:
+    """Whether sequences carry <|start-latent|> and <|end-latent|>: in coconut mode, unless no_thoughts."""
+    return config.coconut and not config.no_thoughts
+
+
+def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
+    """The length of the longest training sequence the record gives at any stage: stage 0 for cot and no_cot,
+    stages 0..max_latent_stage for coconut, each laid out by `stage_plan` as `CoconutDataset` builds it (markers,
+    that stage's latents, the steps it keeps). Later stages and uniform_prob's draws give nothing longer: past
+    max_latent_stage every step goes and the latent count stays at its maximum."""
+    last = config.max_latent_stage if config.coconut else 0
+    plans = (stage_plan(stage, len(tokens.steps), config) for stage in range(last + 1))
+    middle = max(latents + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
+    markers = 2 if has_markers(config) else 0
+    return len(tokens.prompt) + markers + middle + len(tokens.answer)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's curriculum over its epochs, computed once from its Config: the stage each epoch trains, the config
+    in force at each stage (stage_overrides applied), where the optimizer restarts and how many optimizer steps
+    each learning-rate schedule spans."""
+
+    stages: tuple[int, ...]  # the stage trained in each epoch
+    configs: tuple[Config, ...]  # the config in force at stage 0, 1, ..., the last stage trained
+    reset_optimizer: bool  # a new optimizer (and learning-rate schedule) at each stage change
+
+    @classmethod
+    def from_config(cls, config: Config) -> Schedule:
+        """The schedule of `config`: each stage lasts the epochs_per_stage in force at that stage (stage_overrides
+        may lengthen stage 0, or skip it with 0 epochs); cot and no_cot train stage 0 throughout."""
+        configs, stages = [config.for_stage(0)], []
+        left = configs[0].epochs_per_stage if config.coconut else config.num_epochs
+        for _ in range(config.num_epochs):
+            while left == 0:  # the stage is over (or lasts no epoch at all): the next one starts
+                configs.append(config.for_stage(len(configs)))
+                left = configs[-1].epochs_per_stage
+            stages.append(len(configs) - 1)
+            left -= 1
+        return cls(tuple(stages), tuple(configs), config.reset_optimizer)
+
+    @property
+    def last_stage(self) -> int:
+        """The stage of the run's last epoch (the one final/ is exported at)."""
+        return self.stages[-1]
+
+    def stage(self, epoch: int) -> int:
+        """The curriculum stage trained in `epoch` (0-based)."""
+        return self.stages[epoch]
+
+    def stage_config(self, epoch: int) -> Config:
+        """The config in force in `epoch`: the run's, with its stage's overrides applied."""
+        return self.configs[self.stages[epoch]]
+
+    def resets_optimizer(self, epoch: int) -> bool:
+        """Whether `epoch` starts with a new optimizer: with reset_optimizer, at each stage change."""
+        return self.reset_optimizer and epoch > 0 and self.stages[epoch] != self.stages[epoch - 1]
+
+    def ends_stage(self, epoch: int) -> bool:
+        """Whether `epoch` is the last of its stage (a stage_<k>/ export follows it)."""
+        return epoch == len(self.stages) - 1 or self.stages[epoch + 1] != self.stages[epoch]
+
+    def lr_steps(self, epoch: int, samples: int) -> int:
+        """Optimizer steps the learning-rate schedule spans at `epoch`: those of the epochs from the last optimizer
+        reset to the next (the stage's with reset_optimizer, else the run's), each epoch at its own stage's batch
+        size and accumulation, for `samples` training records per rank."""
+        total = 0
+        for stage in self.stages:
+            if self.reset_optimizer and stage != self.stages[epoch]:
+                continue
+            config = self.configs[stage]
+            total += math.ceil(math.ceil(samples / config.batch_size_training) / config.gradient_accumulation_steps)
+        return total
