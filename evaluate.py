@@ -7,6 +7,7 @@ every rank makes the same number of `generate` calls, as FSDP needs) but not cou
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
@@ -26,15 +27,14 @@ def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
     return [(i, True) for i in mine] + [(i % n, False) for i in range(per_rank - len(mine))]
 
 
-def _batches(data: CoconutDataset, batch_size: int, rank: int, world: int):
-    """Collated batches of this rank's shard, each with its `counted` flags."""
+def _batches(
+    data: CoconutDataset, batch_size: int, rank: int, world: int
+) -> Iterator[tuple[list[tuple[int, bool]], dict]]:
+    """This rank's shard in batches: each batch's (index, counted) pairs and its collated items."""
     items = shard(len(data), rank, world)
-    pad_id, latent_id = data.pad_id, data.latent_id
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        batch = collate([data[i] for i, _ in chunk], pad_id, latent_id)
-        batch["counted"] = torch.tensor([c for _, c in chunk])
-        yield batch
+        yield chunk, collate([data[i] for i, _ in chunk], data.pad_id, data.latent_id)
 
 
 @torch.no_grad()
@@ -42,9 +42,8 @@ def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.
     """Mean per-example loss over `data` (training sequences at its current stage), across all ranks."""
     info = dist_info()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in _batches(data, batch_size, info.rank, info.world_size):
-        counted = batch.pop("counted").to(device)
-        batch.pop("index")
+    for chunk, batch in _batches(data, batch_size, info.rank, info.world_size):
+        counted = torch.tensor([c for _, c in chunk], device=device)
         batch = to_device(batch, device)
         with autocast():
             # per-example losses, so that uncounted repeats can be left out
@@ -87,7 +86,7 @@ def generate_and_score(
     rows = []
     batches = _batches(data, batch_size, info.rank, info.world_size)
     total = -(-len(shard(len(data), info.rank, info.world_size)) // batch_size)
-    for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
+    for chunk, batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
         pixel_values = batch_pixels(batch, device, blank_images)
         start = time.perf_counter()
         with autocast():
@@ -99,7 +98,7 @@ def generate_and_score(
             )
         new = out[:, batch["input_ids"].shape[1] :].tolist()  # waits for the device, so the latency is whole
         latency = (time.perf_counter() - start) / len(out)
-        for index, counted, tokens in zip(batch["index"].tolist(), batch["counted"].tolist(), new):
+        for (index, counted), tokens in zip(chunk, new):
             if not counted:
                 continue
             if tokenizer.eos_token_id in tokens:

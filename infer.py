@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from config import Config
 from dataset import CoconutDataset, collate
 from distributed import autocast_context
 from evaluate import batch_pixels, generate_and_score, summarize
-from run import build_model, open_dataset
+from records import load_records
+from run import build_model, encoding_for
 from scoring import accuracy_report, format_report
 from utils import UserError, entry_point
 
@@ -71,16 +71,23 @@ def load_exported(folder: str, device: torch.device) -> Exported:
     return Exported(model.to(device).eval(), tokenizer, config, stage)
 
 
-def open_prompts(exported: Exported, records: str, stage: int, pad_latents: bool = False) -> CoconutDataset:
-    """Evaluation prompts of a records file at `stage`, built as training built them.
+def open_prompts(exported: Exported, records: str, stage: int) -> CoconutDataset:
+    """Evaluation prompts of a records file at `stage`, built as training built them."""
+    if not Path(records).is_file():
+        raise UserError(f"{records}: records file not found")
+    return prompts_of(exported, load_records(records), records, stage)
+
+
+def prompts_of(
+    exported: Exported, records: list[dict], source: str, stage: int, pad_latents: bool = False
+) -> CoconutDataset:
+    """`records` (read from `source`) as evaluation prompts at `stage`, built as training built them.
 
     `pad_latents` gives every prompt the stage's full number of thoughts, which a question without written steps
     needs (the number of thoughts is otherwise capped at the record's step count).
     """
-    if not Path(records).is_file():
-        raise UserError(f"{records}: records file not found")
     config = dataclasses.replace(exported.config, pad_latent_to_max=exported.config.pad_latent_to_max or pad_latents)
-    prompts = open_dataset(records, exported.tokenizer, config, exported.model).prompts()
+    prompts = CoconutDataset(records, encoding_for(exported.model.base, exported.tokenizer, config), source).prompts()
     prompts.set_stage(stage)
     return prompts
 
@@ -189,14 +196,15 @@ def ask(
         raise UserError(f"--image {image}: file not found")
     # the record format asks for steps and an answer; both are unknown here (placeholders, never shown), and
     # pad_latents gives the stage's full number of thoughts whatever the step count
-    path = str(Path(image).resolve()) if image else None
-    record = {"image": path, "question": question, "steps": ["?"], "answer": "?"}
-    with tempfile.TemporaryDirectory() as folder:
-        records = Path(folder) / "question.jsonl"
-        records.write_text(json.dumps(record) + "\n")
-        prompts = open_prompts(exported, str(records), stage, pad_latents=True)
-        row = answer(exported, prompts, 1, device, blank_images)[0]
-        thoughts = probe_thoughts(exported, prompts, probe, 1, device, blank_images)[0] if probe else []
+    record = {
+        "image": str(Path(image).resolve()) if image else None,
+        "question": question,
+        "steps": ["?"],
+        "answer": "?",
+    }
+    prompts = prompts_of(exported, [record], "--question", stage, pad_latents=True)
+    row = answer(exported, prompts, 1, device, blank_images)[0]
+    thoughts = probe_thoughts(exported, prompts, probe, 1, device, blank_images)[0] if probe else []
     return row, thoughts
 
 

@@ -26,9 +26,9 @@ import datasets
 from datasets.exceptions import DatasetGenerationError
 from PIL import Image, UnidentifiedImageError
 
+from scoring import LETTERS
 from utils import UserError, entry_point
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SPLITS = ("train", "val", "test")
 # Split names used by the hub and the original releases, mapped to the file names written here.
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "dev": "val", "test": "test"}

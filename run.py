@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 import checkpoint
 import trainer
 from coconut import Coconut
 from config import Config, config_parser, load_config
 from curriculum import Schedule
-from dataset import CoconutDataset
+from dataset import CoconutDataset, Encoding
 from distributed import DistInfo, autocast_context, check_parallel, parallelize, setup_distributed
 from evaluate import generate_and_score, summarize
 from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
@@ -42,19 +43,16 @@ def build_model(config: Config) -> tuple[Coconut, object]:
     return model, tokenizer
 
 
-def open_dataset(path: str, tokenizer, config: Config, model: Coconut, training: bool = False) -> CoconutDataset:
-    """A data file tokenised and tiled for `model`'s tile size and tokens per tile; `training` mixes stages as
-    uniform_prob asks."""
-    base_config = model.base.config
-    tile, per_tile = tile_size(base_config), image_seq_length(base_config)
-    return CoconutDataset(path, tokenizer, config, tile, per_tile, mix_stages=training)
+def encoding_for(base: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config) -> Encoding:
+    """How records become token ids for `base`: its tile size and context tokens per tile, with `config`."""
+    return Encoding(tokenizer, config, tile_size(base.config), image_seq_length(base.config))
 
 
 def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: Coconut, tokenizer) -> None:
     """Evaluate `load_model_path` on val_path at eval_stage (default: the curriculum's last stage)."""
     if config.load_model_path == "none":
         raise UserError("config: only_eval needs load_model_path (a checkpoint file or an exported folder)")
-    data = open_dataset(config.val_path, tokenizer, config, model)
+    data = CoconutDataset.from_file(config.val_path, encoding_for(model.base, tokenizer, config))
     data.set_stage(config.eval_stage if config.eval_stage >= 0 else Schedule.from_config(config).last_stage)
     model = parallelize(model, config, device)
     model.eval()
@@ -91,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         if config.only_eval:
             evaluate_only(config, info, device, model, tokenizer)
         else:
-            train_data = open_dataset(config.train_path, tokenizer, config, model, training=True)
-            data = (train_data, open_dataset(config.val_path, tokenizer, config, model))
+            encoding = encoding_for(model.base, tokenizer, config)
+            train_data = CoconutDataset.from_file(config.train_path, encoding, mix_stages=True)
+            data = (train_data, CoconutDataset.from_file(config.val_path, encoding))
             Path(config.save_path, config.name).mkdir(parents=True, exist_ok=True)
             base = model.base
             model = parallelize(model, config, device)

@@ -12,8 +12,10 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+)?answer\b\s*(?:is\b)?\s*:?\s*", re.IGNORECASE)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters: choice i is LETTERS[i]
+ANSWER_MARK = "###"  # ends a training sequence's steps; the answer follows it after one space
+# what may stand before an answer that names an option: "The answer is", "Answer:", "The correct answer is"
+ANSWER_PHRASE = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+)?answer\b\s*(?:is\b)?\s*:?\s*", re.IGNORECASE)
 BARE_LETTER = re.compile(r"\(?([A-Za-z])\)?[.:)]?")
 # "(B) nine", "(b) nine", "B. nine", "B: nine", "B) nine"; a bare lowercase "a." would read as an article.
 LETTER_THEN_TEXT = re.compile(r"\(([A-Za-z])\)\s*\S|([A-Z])[.:)]\s+\S")
@@ -32,9 +34,9 @@ def extract_answer(generated: str) -> str:
 
     Both are stripped of surrounding whitespace; "###" with nothing after it gives "".
     """
-    if "###" not in generated:
+    if ANSWER_MARK not in generated:
         return generated.strip()
-    after = generated.rsplit("###", 1)[1].strip()
+    after = generated.rsplit(ANSWER_MARK, 1)[1].strip()
     return after.splitlines()[0].strip() if after else ""
 
 
@@ -56,7 +58,7 @@ def choice_index(text: str, choices: Sequence[str]) -> int | None:
     Accepted: a letter alone ("B", "(B)", "B.", "b"), the option's text (normalised), or a letter followed by
     text ("(B) nine", "B. nine"), each possibly after "The answer is" or "Answer:".
     """
-    text = ANSWER_PREFIX.sub("", text.strip(), count=1)
+    text = ANSWER_PHRASE.sub("", text.strip(), count=1)
     letter = BARE_LETTER.fullmatch(text)
     if letter and LETTERS.index(letter.group(1).upper()) < len(choices):
         return LETTERS.index(letter.group(1).upper())

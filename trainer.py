@@ -198,7 +198,6 @@ def train_epoch(model, optimizer, data, schedule: Schedule, progress: Progress, 
         group = min(accumulate, n_micro - group_start)
         progress.micro += 1
         last_micro = progress.micro == group_start + group
-        batch.pop("index")
         batch = to_device(batch, device)
         with _grad_sync(model, last_micro), autocast():
             loss = model(**batch).loss

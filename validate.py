@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import sys
 
-from config import Config, config_parser, load_config
+from config import config_parser, load_config
 from curriculum import longest_sequence
-from dataset import (
-    image_file,
-    image_paths,
-    read_records,
-    record_name,
-    record_problem,
-    to_rgb,
-    tokenize_record,
-)
-from internvl import image_seq_length, load_base, tile_size
+from dataset import Encoding, tokenize_record
+from images import image_file, image_paths, to_rgb
+from internvl import load_base
+from records import read_records, record_name, record_problem
+from run import encoding_for
 from utils import UserError, entry_point
 
 
-def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int) -> tuple[int, list[str]]:
+def find_problems(path: str, encoding: Encoding) -> tuple[int, list[str]]:
     """(number of records, one line per problem) for one data file."""
+    config = encoding.config
     try:
         records = read_records(path)
     except UserError as err:
@@ -43,7 +39,7 @@ def find_problems(path: str, config: Config, tokenizer, tile: int, per_tile: int
             for image in image_paths(record, path, config.image_root):
                 with image_file(image, where) as opened:
                     to_rgb(opened)  # decodes every pixel: truncated files fail here
-            length = longest_sequence(tokenize_record(record, where, path, tokenizer, config, tile, per_tile), config)
+            length = longest_sequence(tokenize_record(record, where, path, encoding), config)
         except UserError as err:
             problems.append(str(err))
             continue
@@ -58,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     args = config_parser("List every bad record of a config's data files.").parse_args(argv)
     config = load_config(args.config, args.overrides)
     base, tokenizer = load_base(config.model_id, config.latent_init)
-    tile, per_tile = tile_size(base.config), image_seq_length(base.config)
+    encoding = encoding_for(base, tokenizer, config)
     failed = False
     for path in dict.fromkeys(p for p in (config.train_path, config.val_path) if p):
-        count, problems = find_problems(path, config, tokenizer, tile, per_tile)
+        count, problems = find_problems(path, encoding)
         for line in problems:
             print(line)
         print(f"{path}: {count} records, {len(problems)} problems")

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 import demo_data
 from coconut import Coconut
 from config import Config
+from dataset import Encoding
 from internvl import LATENT_TOKENS, fuse_rms_norms, load_base, tile_size
 
 LATENTS = (0, 2, 4, 8)
@@ -240,8 +241,7 @@ def bench_data(
     with tempfile.TemporaryDirectory() as folder:
         demo_data.generate(folder, seed=0, sizes={"train": records})
         config = Config(coconut=True, c_thought=1, max_latent_stage=3, max_num_tiles=1, num_epochs=4)
-        rates, first = loader_rate(Path(folder, "train.jsonl"), tokenizer, config, 64, 16, batch)
-        first.pop("index")
+        rates, first = loader_rate(Path(folder, "train.jsonl"), Encoding(tokenizer, config, 64, 16), batch)
         params = [p for p in case.base.parameters() if p.requires_grad]
         step = train_step(lambda: case.coconut(**first).loss, params)
         seconds = median_times({"step": step}, warmup, repeats, sync_for(CPU))["step"]
@@ -252,7 +252,7 @@ def bench_data(
         big.mkdir()
         path = write_records(big, max(4, records // 16), 896, 672, "what is shown?", ["a", "b", "c"])
         config = Config(coconut=True, c_thought=2, max_latent_stage=3, max_num_tiles=12, num_epochs=4)
-        rates, _ = loader_rate(path, tokenizer, config, 448, 256, batch)
+        rates, _ = loader_rate(path, Encoding(tokenizer, config, 448, 256), batch)
         rows.append(data_row("896x672 PNG, 448-px tiles (13)", rates, None, None))
     return rows
 

@@ -24,6 +24,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from coconut import Coconut
 from config import Config
+from dataset import Encoding
 from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, load_base, tile_size
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
@@ -287,7 +288,7 @@ def bench_gpu_data(config: InternVLConfig, records: int, batch: int, step_rate: 
         size = tile_size(config)
         path = write_records(Path(folder), records, size, size, "q?", ["a", "b"])
         data_config = Config(coconut=True, c_thought=2, max_latent_stage=3, max_num_tiles=1, num_epochs=4)
-        rates, _ = loader_rate(path, tokenizer, data_config, size, image_seq_length(config), batch)
+        rates, _ = loader_rate(path, Encoding(tokenizer, data_config, size, image_seq_length(config)), batch)
     return data_row(f"{size}-px PNG, 1 tile", rates, step_rate, "coconut stage 3")
 
 

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from measure import Column
 from PIL import Image
-from transformers import InternVLConfig, PreTrainedTokenizerBase
+from transformers import InternVLConfig
 
-from config import Config
 from curriculum import Schedule
-from dataset import CoconutDataset, collate
+from dataset import CoconutDataset, Encoding, collate
 from internvl import image_seq_length
 
 DATA_COLUMNS: list[Column] = [
@@ -61,20 +60,12 @@ def write_records(folder: Path, count: int, width: int, height: int, question: s
     return path
 
 
-def loader_rate(
-    path: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    config: Config,
-    tile: int,
-    per_tile: int,
-    batch: int,
-    epochs: int = 2,
-) -> tuple[list[float], dict]:
+def loader_rate(path: Path, encoding: Encoding, batch: int, epochs: int = 2) -> tuple[list[float], dict]:
     """Records/s of `CoconutDataset` + `collate` through a DataLoader (in process) for each of `epochs` passes
     at the last epoch's stage: the first pass decodes and tiles every image, later ones find the tiles in the
     dataset's cache. Also returns the first batch."""
-    data = CoconutDataset(str(path), tokenizer, config, tile, per_tile)
-    data.set_stage(Schedule.from_config(config).last_stage)
+    data = CoconutDataset.from_file(str(path), encoding)
+    data.set_stage(Schedule.from_config(encoding.config).last_stage)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch, collate_fn=partial(collate, pad_id=data.pad_id, latent_id=data.latent_id)
     )

@@ -9,22 +9,16 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_coconut
+from conftest import encoding, make_coconut
 from PIL import Image
 
 import dataset
 from config import Config
 from curriculum import Schedule, longest_sequence, stage_plan
-from dataset import (
-    CoconutDataset,
-    collate,
-    load_records,
-    num_tiles,
-    record_problem,
-    tile_grid,
-    tile_image,
-)
-from internvl import LATENT_TOKENS, image_seq_length, tile_size
+from dataset import CoconutDataset, Encoding, collate
+from images import num_tiles, tile_grid, tile_image
+from internvl import LATENT_TOKENS
+from records import load_records, record_problem
 from scoring import is_correct
 from utils import UserError
 from validate import find_problems
@@ -70,8 +64,7 @@ def make_dataset(tmp_path, tiny_base, mix_stages=False, **keys):
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, RECORDS, sizes=((64, 64), (128, 64)))
-    tile, per_tile = tile_size(base.config), image_seq_length(base.config)
-    return CoconutDataset(path, tokenizer, config, tile, per_tile, mix_stages=mix_stages)
+    return CoconutDataset.from_file(path, encoding(base, tokenizer, config), mix_stages=mix_stages)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +149,7 @@ def test_collator_aligns_first_latents_and_batch_runs_through_model(tmp_path, ti
     firsts = [row.tolist().index(latent) for row in batch["input_ids"]]
     assert len(set(firsts)) == 1
     assert batch["pixel_values"].shape[0] == 1 + 4
-    out = make_coconut(base, tokenizer)(**{k: v for k, v in batch.items() if k != "index"})
+    out = make_coconut(base, tokenizer)(**batch)
     assert torch.isfinite(out.loss)
 
     prompts = make_dataset(tmp_path, tiny_base).prompts()
@@ -183,7 +176,8 @@ def test_a_dataset_and_its_prompts_view_share_one_image_cache_budget(tmp_path, t
     _, tokenizer = tiny_base
     records = [dict(RECORDS[0], image=f"img{k}.png") for k in range(2)]
     path = write_data(tmp_path, records, sizes=((448, 448), (448, 448)))
-    data = CoconutDataset(path, tokenizer, Config(cot=True, max_num_tiles=1, image_cache_mb=1), 448, 16)
+    config = Config(cot=True, max_num_tiles=1, image_cache_mb=1)
+    data = CoconutDataset.from_file(path, Encoding(tokenizer, config, 448, 16))
     data.pixel_values(0)
     data.prompts().pixel_values(1)
     assert len(data.cache.tiles) == 1 and data.cache.bytes == 448 * 448 * 3 <= 2**20
@@ -197,7 +191,7 @@ def test_bad_records_name_the_record(tmp_path, tiny_base):
     missing = dict(RECORDS[0], image="nope.png")
     with pytest.raises(UserError, match="record 0 .*nope.png not found"):
         base, tokenizer = tiny_base
-        CoconutDataset(write_data(tmp_path, [missing]), tokenizer, Config(cot=True), 64, 16)
+        CoconutDataset.from_file(write_data(tmp_path, [missing]), encoding(base, tokenizer, Config(cot=True)))
 
 
 MULTIPLE_CHOICE = dict(RECORDS[0], choices=["eight", "nine"], answer="B", meta={"dataset": "demo"})
@@ -222,9 +216,7 @@ def test_bad_choices_and_meta_are_record_problems(tmp_path, tiny_base, keys, mes
     with pytest.raises(UserError, match=re.escape(f"record 1 (id 'a'): {message}")):
         load_records(path)
     base, tokenizer = tiny_base
-    count, problems = find_problems(
-        path, Config(cot=True), tokenizer, tile_size(base.config), image_seq_length(base.config)
-    )
+    count, problems = find_problems(path, encoding(base, tokenizer, Config(cot=True)))
     assert count == 2 and problems == [f"{path}: record 1 (id 'a'): {record_problem(bad)}"]
 
 
@@ -268,7 +260,7 @@ def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_b
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 3, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, records, sizes=((64, 64), (128, 64)))
-    data = CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
+    data = CoconutDataset.from_file(path, encoding(base, tokenizer, config))
     built = [0] * len(data)
     schedule = Schedule.from_config(config)
     for epoch in range(config.num_epochs):  # as the trainer walks the curriculum (stages 0..9 here)
@@ -277,7 +269,7 @@ def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_b
     assert [longest_sequence(tokens, config) for tokens in data.tokens] == built
     # a record exactly at max_length is kept
     config = dataclasses.replace(config, max_length=max(built))
-    fits = CoconutDataset(path, tokenizer, config, tile_size(base.config), image_seq_length(base.config))
+    fits = CoconutDataset.from_file(path, encoding(base, tokenizer, config))
     assert len(fits) == len(records)
 
 

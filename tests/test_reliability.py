@@ -25,9 +25,11 @@ import trainer
 from coconut import Coconut
 from config import Config
 from curriculum import Schedule
-from dataset import CoconutDataset, load_records, tile_image, to_rgb
+from dataset import CoconutDataset, Encoding
 from distributed import DistInfo
+from images import tile_image, to_rgb
 from internvl import load_base
+from records import load_records
 from utils import UserError
 
 
@@ -48,7 +50,7 @@ def write_records(folder: Path, records: list, name: str = "data.jsonl") -> str:
 
 def dataset(path: str, tokenizer, **keys) -> CoconutDataset:
     config = Config(**({"cot": True, "max_num_tiles": 4} | keys))
-    return CoconutDataset(path, tokenizer, config, 64, 16)
+    return CoconutDataset.from_file(path, Encoding(tokenizer, config, 64, 16))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_coconut, metrics, run, weights
+from conftest import encoding, make_coconut, metrics, run, weights
 from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
@@ -20,7 +20,7 @@ from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo
 from evaluate import shard
-from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
+from internvl import LATENT_TOKENS, load_base
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -124,9 +124,7 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
     base, tokenizer = load_base("tiny")
     config = Config(cot=True, batch_size_training=8, gradient_accumulation_steps=3, lr=0.5, weight_decay=0.0)
     config.max_grad_norm = 1e9
-    data = CoconutDataset(
-        str(data_dir / "train.jsonl"), tokenizer, config, tile_size(base.config), image_seq_length(base.config)
-    )
+    data = CoconutDataset.from_file(str(data_dir / "train.jsonl"), encoding(base, tokenizer, config))
     model = make_coconut(base, tokenizer)
     reference = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
@@ -145,7 +143,6 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
         total = [torch.zeros_like(p) for p in params]
         for micro in group:
             batch = collate([data[i] for i in order[8 * micro : 8 * micro + 8]], data.pad_id, data.latent_id)
-            batch.pop("index")
             grads = torch.autograd.grad(reference(**batch).loss, params, allow_unused=True)
             total = [t + (g if g is not None else 0) / len(group) for t, g in zip(total, grads)]
         with torch.no_grad():
