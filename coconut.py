@@ -24,6 +24,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from distributed import is_distributed
 
+# the markers that open and close the continuous thoughts, and the token each thought takes the place of
+LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
 
 class CoconutOutput:
     """What `Coconut.forward` returns: the loss (None without labels), B x T x V logits, and the input

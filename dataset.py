@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import has_markers, longest_sequence, stage_plan
 from images import TileCache, image_file, image_paths, num_tiles, tile_image, tiles_to_tensor, to_rgb
-from internvl import LATENT_TOKENS
 from records import load_records, record_name
 from scoring import ANSWER_MARK
 from utils import UserError

@@ -30,8 +30,8 @@ from config import Config
 from dataset import CoconutDataset, collate
 from distributed import autocast_context
 from evaluate import batch_pixels, generate_and_score, summarize
+from models import build_model, encoding_for
 from records import load_records
-from run import build_model, encoding_for
 from scoring import accuracy_report, format_report
 from utils import UserError, entry_point
 

@@ -1,33 +1,46 @@
-"""The base InternVL model and its tokenizer: the tiny offline one, real checkpoints, and the latent tokens.
+"""The InternVL family: the tiny offline model, real checkpoints in either layout, and what the rest of the code
+needs to know about the architecture (tile size, context tokens per tile, the vision tower).
 
-Every run gets its model through `load_base`, which returns a native `transformers`
-`InternVLForConditionalGeneration` and a tokenizer that already holds the image tokens and the three latent
-tokens. The tiny model (`model_id: tiny`) is random-initialised and built offline, but from there on it takes
-exactly the path a real checkpoint takes: latent tokens are added and embeddings resized by the same code.
+`models.load_base` loads every model through this module. The tiny model (`model_id: tiny`) is random-initialised
+and built offline. A checkpoint folder is either in the native `transformers` layout (`model_type: internvl`) or in
+OpenGVLab's original remote-code layout (`internvl_chat`, how InternVL3-1B-Pretrained is published): that one is
+read without `trust_remote_code` by building the equivalent native `InternVLConfig`, renaming the weights onto
+`InternVLForConditionalGeneration` and loading them strictly (`KEY_RULES`).
 """
 
 from __future__ import annotations
 
-import os
+import json
+import re
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
     InternVLConfig,
     InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from convert import load_internvl, load_tokenizer, pick_attn_implementation
-from utils import UserError
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x keeps it in modeling_utils
+    from transformers.modeling_utils import no_init_weights
 
-IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
-LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+from utils import UserError, read_checkpoint_config
+
+MODEL_TYPES = ("internvl", "internvl_chat")  # config.json model_type: native layout, original layout
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_TOKENS = ("<img>", "</img>", IMAGE_CONTEXT_TOKEN)
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
+CHECKPOINT_HINT = "pass a local InternVL3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -79,6 +92,13 @@ def tiny_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
     )
 
 
+def tiny_model(attn_implementation: str | None) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerFast]:
+    """The tiny random InternVL (float32) and its byte-level tokenizer, built offline."""
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN))
+    return InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation), tokenizer
+
+
 def image_seq_length(config: InternVLConfig) -> int:
     """Context tokens one tile becomes: patches per side squared, times the pixel-shuffle ratio squared."""
     vision = config.vision_config
@@ -98,7 +118,7 @@ def fuse_rms_norms(model: torch.nn.Module) -> None:
     float32), and parameter names, state dicts and sharding are unchanged. What changes is the cost: on CUDA
     torch's RMSNorm is one fused kernel forward and one backward, where the transformers module launches about
     ten elementwise kernels each way, and Coconut's single-column latent passes are bound by kernel launches
-    (README, Benchmarks).
+    (bench/README.md).
     """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -120,65 +140,200 @@ def checkpoint_vision_tower(model: InternVLForConditionalGeneration) -> None:
     enable()
 
 
-def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, init: str) -> None:
-    """Add the three latent tokens to `tokenizer`, resize `model`'s embeddings and initialise the new rows.
+_LAYER = r"vision_model\.encoder\.layers\.(\d+)\."
+_NATIVE_LAYER = r"model.vision_tower.encoder.layer.\1."
+# Original name (full match) -> native name: the one source of the mapping (docs/model.md points here).
+KEY_RULES: list[tuple[str, str]] = [
+    (r"vision_model\.embeddings\.class_embedding", "model.vision_tower.embeddings.cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
+    (
+        r"vision_model\.embeddings\.patch_embedding\.(weight|bias)",
+        r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
+    ),
+    (_LAYER + r"attn\.proj\.(weight|bias)", _NATIVE_LAYER + r"attention.projection_layer.\2"),
+    (_LAYER + r"attn\.(q_norm|k_norm)\.weight", _NATIVE_LAYER + r"attention.\2.weight"),
+    (_LAYER + r"ls1", _NATIVE_LAYER + "lambda_1"),
+    (_LAYER + r"ls2", _NATIVE_LAYER + "lambda_2"),
+    (_LAYER + r"norm1\.(weight|bias)", _NATIVE_LAYER + r"layernorm_before.\2"),
+    (_LAYER + r"norm2\.(weight|bias)", _NATIVE_LAYER + r"layernorm_after.\2"),
+    (_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)", _NATIVE_LAYER + r"mlp.\2.\3"),
+    (r"mlp1\.0\.(weight|bias)", r"model.multi_modal_projector.layer_norm.\1"),
+    (r"mlp1\.1\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
+    (r"mlp1\.3\.(weight|bias)", r"model.multi_modal_projector.linear_2.\1"),
+    (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+    (r"language_model\.lm_head\.weight", "lm_head.weight"),
+]
+FUSED_QKV = re.compile(_LAYER + r"attn\.qkv\.(weight|bias)")
+ORIGINAL_HEAD = "language_model.lm_head.weight"
+NATIVE_HEAD = "lm_head.weight"
+NATIVE_EMBEDDINGS = "model.language_model.embed_tokens.weight"
+# What the original InternVisionConfig assumes for the keys a vision_config may leave out
+ORIGINAL_VISION_DEFAULTS = {"norm_type": "rms_norm", "qk_normalization": True, "qkv_bias": False}
 
-    `init` is the rule for the new input rows (and output rows when the head is untied): "mean" copies the mean
-    of the existing rows, any other string copies the row of the token that text encodes to. Either way the new
-    rows have the scale of the trained ones, never a fresh random draw.
+
+def is_original_layout(folder: str | Path) -> bool:
+    """Tell whether `folder` holds the original remote-code layout rather than the native one.
+
+    The answer comes from `model_type` in the folder's config.json: `internvl_chat` is the original
+    OpenGVLab layout, `internvl` the native `transformers` one; anything else is not an InternVL
+    checkpoint this module can load, so it raises `UserError`.
     """
-    tokenizer.add_tokens(list(LATENT_TOKENS), special_tokens=True)
-    new_ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-    old_size = model.get_input_embeddings().weight.shape[0]
-    if min(new_ids) < old_size:  # already present (e.g. a checkpoint saved by this repo)
-        return
-    if init != "mean":
-        source = tokenizer.encode(init, add_special_tokens=False)
-        if len(source) != 1:
-            raise UserError(f"config: latent_init '{init}' is {len(source)} tokens; use 'mean' or one token's text")
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        tables = [model.get_input_embeddings().weight]
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != tables[0].data_ptr():
-            tables.append(head.weight)
-        for table in tables:
-            row = table[:old_size].mean(0) if init == "mean" else table[source[0]]
-            table[old_size:] = row
+    model_type = read_checkpoint_config(folder).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"{folder}: config.json has model_type {model_type!r}; {CHECKPOINT_HINT}")
+    return model_type == "internvl_chat"
 
 
-def load_base(
-    model_id: str,
-    latent_init: str = "mean",
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str | None = None,
-) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Return the base InternVL model (in `dtype`, RMSNorms fused) and its tokenizer, latent tokens included.
+def native_config_from_original(original: dict, image_token_id: int, separate_head: bool = True) -> InternVLConfig:
+    """Build the native `InternVLConfig` equivalent to an original `internvl_chat` config.json.
 
-    `model_id` is "tiny" (random, offline), a local folder in the native or the original InternVL layout, or a
-    hub id (downloaded once, then read from the local cache). `attn_implementation` None picks flash-attention 2
-    when it is installed on CUDA, else sdpa.
+    The vision tower comes from `vision_config`, the language model from `llm_config` (a Qwen2 config),
+    and the projector and image-token settings from `downsample_ratio`, the tile size and `select_layer`.
+    The head is tied when the language model config says so or when the checkpoint stores no separate
+    head (`separate_head=False`). Preprocessing fields (`template`, `dynamic_image_size`, `use_thumbnail`,
+    `max_dynamic_patch`, `min_dynamic_patch`) have no place in the native config and are not carried.
+    Settings the native classes cannot reproduce raise `UserError` instead of loading a different model.
     """
-    if model_id == "tiny":
-        tokenizer = build_tiny_tokenizer()
-        config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-        model = InternVLForConditionalGeneration._from_config(
-            config, attn_implementation=pick_attn_implementation(attn_implementation)
-        ).to(dtype)
-    else:
-        folder = model_id if os.path.isdir(model_id) else _download(model_id)
-        model = load_internvl(folder, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = load_tokenizer(folder)
-    add_latent_tokens(model, tokenizer, latent_init)
-    fuse_rms_norms(model)
-    return model, tokenizer
+    vision, llm = ORIGINAL_VISION_DEFAULTS | original["vision_config"], original["llm_config"]
+    if llm.get("model_type") != "qwen2":
+        raise UserError(f"llm_config model_type {llm.get('model_type')!r} is not supported, only qwen2")
+    ps_version = original.get("ps_version", "v1")  # the original InternVLChatConfig's default
+    if ps_version != "v2":
+        raise UserError(f"ps_version {ps_version!r} (v1 when the config leaves it out): the native pixel shuffle is v2")
+    if vision["qk_normalization"] and vision["layer_norm_eps"] != 1e-6:
+        raise UserError("qk_normalization with layer_norm_eps != 1e-6: native q/k norms use 1e-6")
+    # Qwen2Config defaulted to untied in the transformers releases these checkpoints were written with.
+    tied = llm.get("tie_word_embeddings", False) or not separate_head
+    tile_size = original.get("force_image_size") or vision["image_size"]
+    # A dtype on the text part alone would build a mixed-precision model; load_internvl picks one for all.
+    text = {k: v for k, v in llm.items() if k not in ("torch_dtype", "dtype", "tie_word_embeddings")}
+    vision_config = InternVLVisionConfig(
+        hidden_size=vision["hidden_size"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        num_attention_heads=vision["num_attention_heads"],
+        intermediate_size=vision["intermediate_size"],
+        hidden_act=vision.get("hidden_act", "gelu"),
+        # The position embeddings are stored for vision_config.image_size; other tile sizes interpolate them.
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        num_channels=vision.get("num_channels", 3),
+        norm_type=vision["norm_type"],
+        layer_norm_eps=vision["layer_norm_eps"],
+        use_qk_norm=vision["qk_normalization"],
+        attention_bias=vision["qkv_bias"],
+        attention_dropout=vision.get("attention_dropout", 0.0),
+        projection_dropout=vision.get("dropout", 0.0),
+    )
+    return InternVLConfig(
+        vision_config=vision_config,
+        text_config=Qwen2Config(**text, tie_word_embeddings=tied),
+        image_token_id=image_token_id,
+        image_seq_length=int((tile_size // vision["patch_size"]) ** 2 * original["downsample_ratio"] ** 2),
+        downsample_ratio=original["downsample_ratio"],
+        vision_feature_layer=original.get("select_layer", -1),
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=tied,
+    )
 
 
-def _download(model_id: str) -> str:
-    """Fetch a hub checkpoint into the local cache (no-op when cached) and return its folder."""
-    from huggingface_hub import snapshot_download
+def convert_state_dict(original_sd: dict[str, torch.Tensor], config: InternVLConfig) -> dict[str, torch.Tensor]:
+    """Rename an original InternVL state dict onto `InternVLForConditionalGeneration`.
 
-    try:
-        return snapshot_download(model_id)
-    except Exception as err:  # the hub client raises many types; the user needs the one-line reason
-        raise UserError(f"config: model_id '{model_id}' is no local folder and could not be fetched ({err})") from None
+    Vision and projector names follow `KEY_RULES`, each fused `attn.qkv` is split into q, k and v
+    (stored in that order along the output dimension), and language model weights move under
+    `model.language_model.` and `lm_head.`. With a tied config the result holds the embedding matrix
+    as `lm_head.weight` too, as a native state dict does; a stored head that differs from it is an
+    error, since the original model would have ignored one of the two. Keys matching no rule raise
+    `UserError` listing them: nothing is dropped silently.
+    """
+    converted: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in original_sd.items():
+        if fused := FUSED_QKV.fullmatch(key):
+            layer, kind = fused.groups()
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                converted[f"model.vision_tower.encoder.layer.{layer}.attention.{name}.{kind}"] = part
+            continue
+        native = next((re.sub(p, r, key) for p, r in KEY_RULES if re.fullmatch(p, key)), None)
+        if native is None:
+            unknown.append(key)
+        else:
+            converted[native] = tensor
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise UserError(f"{len(unknown)} original weight(s) have no native counterpart: {shown}")
+    if config.tie_word_embeddings and NATIVE_EMBEDDINGS in converted:
+        embeddings = converted[NATIVE_EMBEDDINGS]
+        if NATIVE_HEAD in converted and not torch.equal(converted[NATIVE_HEAD], embeddings):
+            raise UserError(
+                f"tie_word_embeddings is true but {ORIGINAL_HEAD} differs from the embeddings; "
+                "set llm_config.tie_word_embeddings to false to keep the separate head"
+            )
+        converted[NATIVE_HEAD] = embeddings
+    return converted
+
+
+def load_internvl(
+    folder: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> InternVLForConditionalGeneration:
+    """Load an InternVL3 checkpoint from a local folder, in either layout, as the native model.
+
+    A native folder goes through `from_pretrained`; an original one is converted in memory: the image
+    token id comes from the folder's tokenizer (`<IMG_CONTEXT>`), the weights from `model.safetensors`
+    or the shards its index names, and every native parameter must be filled. `dtype=None` keeps the
+    stored dtype; `attn_implementation=None` is transformers' default kernel. Nothing is downloaded and no
+    remote code runs; problems with the folder raise `UserError`. The model is returned in eval mode.
+    """
+    path = Path(folder)
+    if not is_original_layout(path):
+        return InternVLForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+        )
+    weight_files = _weight_files(path)
+    image_token_id = load_tokenizer(path).convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    original_sd: dict[str, torch.Tensor] = {}
+    for file in weight_files:
+        original_sd.update(load_file(file))
+    original = read_checkpoint_config(path)
+    config = native_config_from_original(original, image_token_id, separate_head=ORIGINAL_HEAD in original_sd)
+    converted = convert_state_dict(original_sd, config)
+    # Random initialisation of a 1B model is wasted work: every parameter is overwritten below.
+    with no_init_weights():
+        model = AutoModelForImageTextToText.from_config(
+            config,
+            dtype=dtype or next(iter(converted.values())).dtype,
+            attn_implementation=attn_implementation,
+        )
+    loaded = model.load_state_dict(converted, strict=False)
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise UserError(
+            f"{folder}: converted weights do not fit the model built from its config.json; "
+            f"missing {sorted(loaded.missing_keys)}, unexpected {sorted(loaded.unexpected_keys)}"
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json; {CHECKPOINT_HINT}")
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The checkpoint folder's tokenizer (either layout), checked to hold InternVL's image-context token."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        raise UserError(
+            f"{folder}: no tokenizer (tokenizer_config.json or tokenizer.json), needed for the "
+            f"{IMAGE_CONTEXT_TOKEN} id; copy the tokenizer files of the original checkpoint into it"
+        )
+    # AutoTokenizer cannot read the remote-code config.json; the language model type it looks for is qwen2.
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=Qwen2Config(), local_files_only=True)
+    if IMAGE_CONTEXT_TOKEN not in tokenizer.get_vocab():
+        raise UserError(f"{folder}: the tokenizer has no {IMAGE_CONTEXT_TOKEN} token")
+    return tokenizer

@@ -14,38 +14,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerBase
 
-import checkpoint
 import trainer
 from coconut import Coconut
 from config import Config, config_parser, load_config
 from curriculum import Schedule
-from dataset import CoconutDataset, Encoding
+from dataset import CoconutDataset
 from distributed import DistInfo, autocast_context, check_parallel, parallelize, setup_distributed
 from evaluate import generate_and_score, summarize
-from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size
+from models import build_model, encoding_for
 from scoring import accuracy_report
 from utils import UserError, entry_point, seed_everything
-
-
-def build_model(config: Config) -> tuple[Coconut, object]:
-    """The base model (or the checkpoint to start from) wrapped in Coconut, and its tokenizer."""
-    start_from = config.load_model_path
-    if start_from != "none" and not Path(start_from).exists():
-        raise UserError(f"config: load_model_path {start_from} does not exist; train stage 0 first or fix the path")
-    folder = start_from if start_from != "none" and Path(start_from).is_dir() else config.model_id
-    dtype = torch.bfloat16 if config.bf16_weights else torch.float32
-    base, tokenizer = load_base(folder, config.latent_init, dtype, config.attn_implementation or None)
-    model = Coconut(base, tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2]), tokenizer.eos_token_id)
-    if start_from != "none" and Path(start_from).is_file():
-        checkpoint.load_model_weights(start_from, model)
-    return model, tokenizer
-
-
-def encoding_for(base: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config) -> Encoding:
-    """How records become token ids for `base`: its tile size and context tokens per tile, with `config`."""
-    return Encoding(tokenizer, config, tile_size(base.config), image_seq_length(base.config))
 
 
 def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: Coconut, tokenizer) -> None:

@@ -28,6 +28,7 @@ setup(
         "images",
         "infer",
         "internvl",
+        "models",
         "prepare_data",
         "records",
         "report",

@@ -1,11 +1,14 @@
-"""What every entry point shares: the one user-error type and its `entry_point` wrapper, and seeding."""
+"""What every module may share: the one user-error type and its `entry_point` wrapper, reading a checkpoint
+folder's config.json, and seeding."""
 
 from __future__ import annotations
 
 import functools
+import json
 import random
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import ParamSpec
 
 import numpy as np
@@ -41,6 +44,18 @@ def _message(err: UserError) -> str:
     if text.startswith("Caught UserError"):
         return text.splitlines()[-1].split("UserError: ", 1)[-1]
     return text
+
+
+def read_checkpoint_config(folder: str | Path) -> dict:
+    """The config.json of a model checkpoint folder; a missing folder or file stops with one line."""
+    folder = Path(folder)
+    hint = "pass a local checkpoint folder (config.json, *.safetensors, tokenizer files)"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; {hint}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{folder}: no config.json, so this is not a checkpoint; {hint}")
+    return json.loads(config_file.read_text())
 
 
 def seed_everything(seed: int) -> None:

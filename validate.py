@@ -15,9 +15,8 @@ from config import config_parser, load_config
 from curriculum import longest_sequence
 from dataset import Encoding, tokenize_record
 from images import image_file, image_paths, to_rgb
-from internvl import load_base
+from models import encoding_for, load_base
 from records import read_records, record_name, record_problem
-from run import encoding_for
 from utils import UserError, entry_point
 
 

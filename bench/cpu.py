@@ -21,10 +21,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 import demo_data
-from coconut import Coconut
+from coconut import LATENT_TOKENS, Coconut
 from config import Config
 from dataset import Encoding
-from internvl import LATENT_TOKENS, fuse_rms_norms, load_base, tile_size
+from internvl import fuse_rms_norms, tile_size
+from models import load_base
 
 LATENTS = (0, 2, 4, 8)
 # Qwen2-shaped text models: (hidden, layers, heads, kv heads, intermediate); vocabulary TEXT_VOCAB

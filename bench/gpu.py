@@ -25,7 +25,8 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from coconut import Coconut
 from config import Config
 from dataset import Encoding
-from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, load_base, tile_size
+from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, tile_size
+from models import load_base, pick_attn_implementation
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -83,23 +84,12 @@ def internvl3_1b_config(tiny: bool) -> InternVLConfig:
     )
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash_attention_2 on CUDA when flash_attn imports, sdpa otherwise."""
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def build_gpu_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> InternVLForConditionalGeneration:
     """The random InternVL, built on `device` with its RMSNorms fused and cast to `dtype` (weights and all: no
     fp32 master copy)."""
     config = internvl3_1b_config(tiny)
-    config._attn_implementation = attention_implementation(device)
+    # the kernel a run picks, but sdpa on a CPU device even where CUDA and flash-attn are installed
+    config._attn_implementation = pick_attn_implementation("sdpa" if device.type == "cpu" else None)
     torch.manual_seed(0)
     with torch.device(device):
         model = InternVLForConditionalGeneration(config)

@@ -16,10 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import demo_data  # noqa: E402
-from coconut import Coconut  # noqa: E402
-from config import Config  # noqa: E402
-from dataset import Encoding  # noqa: E402
-from internvl import LATENT_TOKENS, image_seq_length, load_base, tile_size  # noqa: E402
+from coconut import LATENT_TOKENS, Coconut  # noqa: E402
+from internvl import image_seq_length  # noqa: E402
+from models import load_base  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -45,11 +44,6 @@ def make_coconut(base, tokenizer, eos_token_id: int | None = None) -> Coconut:
     latent = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     return Coconut(base, latent, eos)
-
-
-def encoding(base, tokenizer, config: Config) -> Encoding:
-    """How records become token ids for `base` (the tiny model: 64-px tiles of 16 context tokens) under `config`."""
-    return Encoding(tokenizer, config, tile_size(base.config), image_seq_length(base.config))
 
 
 def image_block(base, tokenizer, n_tiles: int) -> list[int]:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import image_block, make_coconut
 
-from coconut import positions_from_mask
-from internvl import LATENT_TOKENS
+from coconut import LATENT_TOKENS, positions_from_mask
 
 
 def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id):

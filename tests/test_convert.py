@@ -1,8 +1,8 @@
-"""convert.py: original-layout InternVL checkpoints load as the identical native model.
+"""Original-layout InternVL checkpoints load (internvl.py) and convert (convert.py) as the identical native model.
 
 The tests write their own checkpoints: a tiny random native model is saved in the original
 `internvl_chat` layout through an inverse key mapping written here from the documented names,
-independently of convert.py, together with an offline byte-level tokenizer.
+independently of internvl.py, together with an offline byte-level tokenizer.
 """
 
 import json
@@ -18,13 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
 import convert
-from convert import (
-    convert_state_dict,
-    is_original_layout,
-    load_internvl,
-    native_config_from_original,
-    pick_attn_implementation,
-)
+from internvl import convert_state_dict, is_original_layout, load_internvl, native_config_from_original
+from models import pick_attn_implementation
 from utils import UserError
 
 VISION = dict(

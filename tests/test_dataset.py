@@ -9,15 +9,16 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import encoding, make_coconut
+from conftest import make_coconut
 from PIL import Image
 
 import dataset
+from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule, longest_sequence, stage_plan
 from dataset import CoconutDataset, Encoding, collate
 from images import num_tiles, tile_grid, tile_image
-from internvl import LATENT_TOKENS
+from models import encoding_for
 from records import load_records, record_problem
 from scoring import is_correct
 from utils import UserError
@@ -64,7 +65,7 @@ def make_dataset(tmp_path, tiny_base, mix_stages=False, **keys):
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, RECORDS, sizes=((64, 64), (128, 64)))
-    return CoconutDataset.from_file(path, encoding(base, tokenizer, config), mix_stages=mix_stages)
+    return CoconutDataset.from_file(path, encoding_for(base, tokenizer, config), mix_stages=mix_stages)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,7 @@ def test_bad_records_name_the_record(tmp_path, tiny_base):
     missing = dict(RECORDS[0], image="nope.png")
     with pytest.raises(UserError, match="record 0 .*nope.png not found"):
         base, tokenizer = tiny_base
-        CoconutDataset.from_file(write_data(tmp_path, [missing]), encoding(base, tokenizer, Config(cot=True)))
+        CoconutDataset.from_file(write_data(tmp_path, [missing]), encoding_for(base, tokenizer, Config(cot=True)))
 
 
 MULTIPLE_CHOICE = dict(RECORDS[0], choices=["eight", "nine"], answer="B", meta={"dataset": "demo"})
@@ -216,7 +217,7 @@ def test_bad_choices_and_meta_are_record_problems(tmp_path, tiny_base, keys, mes
     with pytest.raises(UserError, match=re.escape(f"record 1 (id 'a'): {message}")):
         load_records(path)
     base, tokenizer = tiny_base
-    count, problems = find_problems(path, encoding(base, tokenizer, Config(cot=True)))
+    count, problems = find_problems(path, encoding_for(base, tokenizer, Config(cot=True)))
     assert count == 2 and problems == [f"{path}: record 1 (id 'a'): {record_problem(bad)}"]
 
 
@@ -260,7 +261,7 @@ def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_b
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 3, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, records, sizes=((64, 64), (128, 64)))
-    data = CoconutDataset.from_file(path, encoding(base, tokenizer, config))
+    data = CoconutDataset.from_file(path, encoding_for(base, tokenizer, config))
     built = [0] * len(data)
     schedule = Schedule.from_config(config)
     for epoch in range(config.num_epochs):  # as the trainer walks the curriculum (stages 0..9 here)
@@ -269,7 +270,7 @@ def test_longest_sequence_is_the_longest_item_of_the_curriculum(tmp_path, tiny_b
     assert [longest_sequence(tokens, config) for tokens in data.tokens] == built
     # a record exactly at max_length is kept
     config = dataclasses.replace(config, max_length=max(built))
-    fits = CoconutDataset.from_file(path, encoding(base, tokenizer, config))
+    fits = CoconutDataset.from_file(path, encoding_for(base, tokenizer, config))
     assert len(fits) == len(records)
 
 

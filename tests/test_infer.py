@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import encoding, make_coconut
+from conftest import make_coconut
 
 import demo_data
 import infer
@@ -19,7 +19,7 @@ from checkpoint import export_pretrained
 from config import Config
 from dataset import CoconutDataset
 from evaluate import generate_and_score
-from internvl import load_base
+from models import encoding_for, load_base
 
 SETTINGS = {"max_new_tokens": 8, "max_num_tiles": 1, "eval_batch_size": 4}
 COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)
@@ -60,7 +60,7 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     assert all(len(row["thoughts"]) == 2 and all(len(t) == 2 for t in row["thoughts"]) for row in rows)
 
     base, tokenizer = load_base(str(exported / "coconut"))
-    data = CoconutDataset.from_file(str(records), encoding(base, tokenizer, COCONUT))
+    data = CoconutDataset.from_file(str(records), encoding_for(base, tokenizer, COCONUT))
     prompts = data.prompts()
     prompts.set_stage(2)
     expected = generate_and_score(make_coconut(base.eval(), tokenizer), prompts, tokenizer, 4, 8, torch.device("cpu"))

@@ -10,17 +10,16 @@ from conftest import image_block, make_coconut
 from transformers import InternVLForConditionalGeneration
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from coconut import LATENT_TOKENS
 from internvl import (
     IMAGE_TOKENS,
-    LATENT_TOKENS,
-    add_latent_tokens,
     build_tiny_tokenizer,
     checkpoint_vision_tower,
     fuse_rms_norms,
     image_seq_length,
-    load_base,
     tiny_config,
 )
+from models import add_latent_tokens, load_base
 from utils import UserError
 
 

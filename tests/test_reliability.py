@@ -28,7 +28,7 @@ from curriculum import Schedule
 from dataset import CoconutDataset, Encoding
 from distributed import DistInfo
 from images import tile_image, to_rgb
-from internvl import load_base
+from models import load_base
 from records import load_records
 from utils import UserError
 

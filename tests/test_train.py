@@ -10,17 +10,18 @@ import time
 
 import pytest
 import torch
-from conftest import encoding, make_coconut, metrics, run, weights
+from conftest import make_coconut, metrics, run, weights
 from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import trainer
+from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo
 from evaluate import shard
-from internvl import LATENT_TOKENS, load_base
+from models import encoding_for, load_base
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -124,7 +125,7 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
     base, tokenizer = load_base("tiny")
     config = Config(cot=True, batch_size_training=8, gradient_accumulation_steps=3, lr=0.5, weight_decay=0.0)
     config.max_grad_norm = 1e9
-    data = CoconutDataset.from_file(str(data_dir / "train.jsonl"), encoding(base, tokenizer, config))
+    data = CoconutDataset.from_file(str(data_dir / "train.jsonl"), encoding_for(base, tokenizer, config))
     model = make_coconut(base, tokenizer)
     reference = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
