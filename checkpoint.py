@@ -27,8 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from transformers import PreTrainedTokenizerBase
 
-from distributed import dist_info, gather_objects
+from distributed import dist_info, gather_objects, unwrap
 from utils import UserError
 
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
@@ -184,9 +185,10 @@ def load_model_weights(path: str, model: torch.nn.Module) -> None:
         raise UserError(f"{path}: its weights do not fit this model ({first[:200]}); check model_id") from None
 
 
-def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, folder: Path, run: dict) -> None:
-    """Write the base model with `save_pretrained`, the tokenizer (latent tokens included) and `run` (the
-    training config and the stage the model was trained to) as coconut.json to `folder`.
+def export_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, run: dict) -> None:
+    """Write the base model inside the (possibly parallel-wrapped) Coconut `model` with `save_pretrained`, the
+    tokenizer (latent tokens included) and `run` (the training config and the stage the model was trained to) as
+    coconut.json to `folder`.
 
     Collective under FSDP2 (the weights are gathered first); rank 0 writes.
     """
@@ -195,6 +197,7 @@ def export_pretrained(model: torch.nn.Module, base: torch.nn.Module, tokenizer, 
     if dist_info().rank != 0:
         return
     prefix = "base."
+    base = unwrap(model).base
     base.save_pretrained(folder, state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     tokenizer.save_pretrained(folder)
     (folder / "coconut.json").write_text(json.dumps(run, indent=2))

@@ -66,9 +66,13 @@ def tokenize_record(record: dict, where: str, source: str, encoding: Encoding) -
     prompt = tokenizer.encode(text, add_special_tokens=False)
     if prompt.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) != sum(counts) * per_tile:
         raise UserError(f"{where}: question contains image tokens; remove them")  # it spelled <IMG_CONTEXT>
-    steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record["steps"]]
-    answer = tokenizer.encode(f"{ANSWER_MARK} {record['answer']}", add_special_tokens=False)
-    return TokenizedRecord(prompt, steps, answer + [tokenizer.eos_token_id], paths, counts)
+    # a question to answer (infer.py) has neither steps nor an answer: its prompt is all it needs
+    steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record.get("steps", [])]
+    answer = []
+    if "answer" in record:
+        answer = tokenizer.encode(f"{ANSWER_MARK} {record['answer']}", add_special_tokens=False)
+        answer.append(tokenizer.eos_token_id)
+    return TokenizedRecord(prompt, steps, answer, paths, counts)
 
 
 class CoconutDataset(torch.utils.data.Dataset):
@@ -81,8 +85,9 @@ class CoconutDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[dict], encoding: Encoding, source: str, mix_stages: bool = False) -> None:
-        """`records` in the record format (records.py); `source` is the file they come from: messages name a
-        record by it, and relative image paths start at its folder unless image_root is set."""
+        """`records` in the record format (records.py; a question to answer needs only question and image);
+        `source` is the file they come from: messages name a record by it, and relative image paths start at its
+        folder unless image_root is set."""
         self.records, self.encoding, self.source, self.mix_stages = records, encoding, source, mix_stages
         self.config, self.for_generation = encoding.config, False
         self.positions = list(range(len(records)))  # each record's place in the file, kept when some are skipped

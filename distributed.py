@@ -1,5 +1,5 @@
-"""Where a process sits in a torchrun job, and what that changes: joining the job, wrapping the model for DDP or
-FSDP2, bf16 autocast, and collecting values from every rank."""
+"""Where a process sits in a torchrun job, and what that changes: joining the job, the `Job` every part of a run
+reads, wrapping the model for DDP or FSDP2 (and `unwrap`), bf16 autocast, and collecting values from every rank."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,22 @@ class DistInfo:
     def is_main(self) -> bool:
         """Rank 0: the process that prints, logs and writes files."""
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every part of a run needs to know about this process, built once: where it sits in the job, the device
+    it computes on, how it computes in bf16, and the run's output folder (None outside a training run)."""
+
+    dist: DistInfo
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager] = nullcontext  # `with job.autocast():` around model calls
+    folder: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints, logs and writes files."""
+        return self.dist.is_main
 
 
 def dist_info() -> DistInfo:
@@ -87,6 +104,11 @@ def check_parallel(config: Config, info: DistInfo, path: str) -> Config:
     return config
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards a model in place: it stays its own module)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def parallelize(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
     """Move a Coconut model to `device` and wrap it for DDP or FSDP2 (each vision and decoder layer sharded, then
     the root); with activation_checkpointing, its vision tower recomputes activations in backward."""
@@ -95,7 +117,7 @@ def parallelize(model: nn.Module, config: Config, device: torch.device) -> nn.Mo
         checkpoint_vision_tower(model.base)
     if config.use_ddp:
         device_ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if config.use_fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 

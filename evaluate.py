@@ -1,4 +1,5 @@
-"""Evaluation on every rank: validation loss and generation accuracy, each example counted exactly once.
+"""Evaluation on every rank: validation loss and generation accuracy, each example counted exactly once, and the
+one writer of an evaluation's results (only_eval and infer.py).
 
 Each rank takes every world_size-th example; the shorter shards are topped up with repeats that are run (so
 every rank makes the same number of `generate` calls, as FSDP needs) but not counted.
@@ -6,17 +7,19 @@ every rank makes the same number of `generate` calls, as FSDP needs) but not cou
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from dataset import CoconutDataset, collate, to_device
-from distributed import dist_info, gather_objects, is_distributed
-from scoring import extract_answer, is_correct
+from distributed import Job, gather_objects, is_distributed, unwrap
+from scoring import accuracy_report, extract_answer, is_correct
 
 
 def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
@@ -38,14 +41,13 @@ def _batches(
 
 
 @torch.no_grad()
-def validation_loss(model, data: CoconutDataset, batch_size: int, device: torch.device, autocast=nullcontext) -> float:
+def validation_loss(model: nn.Module, data: CoconutDataset, job: Job, batch_size: int) -> float:
     """Mean per-example loss over `data` (training sequences at its current stage), across all ranks."""
-    info = dist_info()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for chunk, batch in _batches(data, batch_size, info.rank, info.world_size):
-        counted = torch.tensor([c for _, c in chunk], device=device)
-        batch = to_device(batch, device)
-        with autocast():
+    total = torch.zeros(2, dtype=torch.float64, device=job.device)
+    for chunk, batch in _batches(data, batch_size, job.dist.rank, job.dist.world_size):
+        counted = torch.tensor([c for _, c in chunk], device=job.device)
+        batch = to_device(batch, job.device)
+        with job.autocast():
             # per-example losses, so that uncounted repeats can be left out
             per_example = model(**batch).example_losses()
         total += torch.stack([(per_example * counted).sum(), counted.sum()]).double()
@@ -64,60 +66,64 @@ def batch_pixels(batch: dict, device: torch.device, blank_images: bool) -> torch
 
 
 @torch.no_grad()
-def generate_and_score(
-    model,
-    data: CoconutDataset,
-    tokenizer,
-    batch_size: int,
-    max_new_tokens: int,
-    device: torch.device,
-    autocast=nullcontext,
-    blank_images: bool = False,
-    progress: bool = False,
+def generate_answers(
+    model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, blank_images: bool = False
 ) -> list[dict]:
-    """Greedy answers for every prompt of `data` (a `for_generation` dataset), scored against the records.
+    """Greedy answers to every prompt of `data` (a `prompts()` view), each at most max_new_tokens long.
 
-    Returns one row per example on every rank: index, id, prediction, answer, correct, generated tokens (up to
-    and including EOS) and the per-example share of its batch's latency. `blank_images` replaces every tile with
-    zeros, to measure how much the answers depend on the image.
+    Returns one row per prompt on every rank, in order: its index in `data`, the prediction (the text after the
+    answer mark), the generated tokens (up to and including EOS) and the prompt's share of its batch's latency.
+    `blank_images` replaces every tile with zeros, to measure how much the answers depend on the image.
     """
-    info = dist_info()
-    generate = model.module.generate if hasattr(model, "module") else model.generate
+    generate, eos = unwrap(model).generate, data.eos_id
+    decode = data.encoding.tokenizer.decode
     rows = []
-    batches = _batches(data, batch_size, info.rank, info.world_size)
-    total = -(-len(shard(len(data), info.rank, info.world_size)) // batch_size)
-    for chunk, batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
-        pixel_values = batch_pixels(batch, device, blank_images)
+    batches = _batches(data, batch_size, job.dist.rank, job.dist.world_size)
+    total = -(-len(shard(len(data), job.dist.rank, job.dist.world_size)) // batch_size)
+    for chunk, batch in tqdm(batches, total=total, desc="generate", disable=not job.is_main, leave=False):
+        pixel_values = batch_pixels(batch, job.device, blank_images)
         start = time.perf_counter()
-        with autocast():
+        with job.autocast():
             out = generate(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
+                batch["input_ids"].to(job.device),
+                batch["attention_mask"].to(job.device),
                 pixel_values=pixel_values,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=data.config.max_new_tokens,
             )
         new = out[:, batch["input_ids"].shape[1] :].tolist()  # waits for the device, so the latency is whole
         latency = (time.perf_counter() - start) / len(out)
         for (index, counted), tokens in zip(chunk, new):
             if not counted:
                 continue
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-            record, position = data.records[index], data.positions[index]
-            prediction = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
-            rows.append(
-                {
-                    "index": position,
-                    "id": record.get("id", position),
-                    "prediction": prediction,
-                    "answer": record["answer"],
-                    "correct": is_correct(prediction, record["answer"], record.get("choices")),
-                    "gen_tokens": len(tokens),
-                    "latency_s": latency,
-                    "meta": record.get("meta", {}),
-                }
-            )
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            prediction = extract_answer(decode(tokens, skip_special_tokens=True))
+            rows.append({"index": index, "prediction": prediction, "gen_tokens": len(tokens), "latency_s": latency})
     return sorted((row for part in gather_objects(rows) for row in part), key=lambda row: row["index"])
+
+
+def generate_and_score(
+    model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, blank_images: bool = False
+) -> list[dict]:
+    """`generate_answers` scored against the records: one row per example on every rank, in order of the records'
+    places in their file: index (that place), id, prediction, answer, correct, gen_tokens, latency_s, meta."""
+    rows = []
+    for generated in generate_answers(model, data, job, batch_size, blank_images):
+        record, position = data.records[generated["index"]], data.positions[generated["index"]]
+        prediction = generated["prediction"]
+        rows.append(
+            {
+                "index": position,
+                "id": record.get("id", position),
+                "prediction": prediction,
+                "answer": record["answer"],
+                "correct": is_correct(prediction, record["answer"], record.get("choices")),
+                "gen_tokens": generated["gen_tokens"],
+                "latency_s": generated["latency_s"],
+                "meta": record.get("meta", {}),
+            }
+        )
+    return rows
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -129,3 +135,13 @@ def summarize(rows: list[dict]) -> dict:
         "latency_s": sum(r["latency_s"] for r in rows) / n,
         "n": len(rows),
     }
+
+
+def write_evaluation(folder: Path, rows: list[dict], stage: int, records: str) -> dict:
+    """Write an evaluation of `records` at `stage` to `folder`: eval.json (`summarize` plus accuracy per data set
+    and category) and predictions.jsonl (the rows); return what eval.json holds."""
+    result = summarize(rows) | {"stage": stage, "records": records, "groups": accuracy_report(rows)}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(result, indent=2))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return result

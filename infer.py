@@ -2,7 +2,7 @@
 comparison of methods on one test set.
 
     python infer.py FOLDER --image IMG --question "start 2,1; 3 moves" [--stage K] [--probe 5]
-    python infer.py FOLDER --records test.jsonl [--out predictions.jsonl] [--probe 5] [--blank-images]
+    python infer.py FOLDER --records test.jsonl [--out FOLDER] [--probe 5] [--blank-images]
     python infer.py compare no_cot=A cot=B coconut=C --records test.jsonl [--blank coconut]
 
 The mode (coconut, cot, no_cot) and the prompt format come from the folder's coconut.json, the number of thoughts
@@ -28,22 +28,24 @@ import report
 from coconut import Coconut
 from config import Config
 from dataset import CoconutDataset, collate
-from distributed import autocast_context
-from evaluate import batch_pixels, generate_and_score, summarize
+from distributed import Job, autocast_context, dist_info
+from evaluate import batch_pixels, generate_and_score, generate_answers, summarize, write_evaluation
 from models import build_model, encoding_for
 from records import load_records
-from scoring import accuracy_report, format_report
+from scoring import format_report
 from utils import UserError, entry_point
 
 
 @dataclass
 class Exported:
-    """A model loaded from an exported folder, with its tokenizer, its training config and the stage it reached."""
+    """A model loaded from an exported folder, with its tokenizer, its training config, the stage it reached and the
+    job (device, autocast) it runs in."""
 
     model: Coconut
     tokenizer: PreTrainedTokenizerBase
     config: Config
     stage: int
+    job: Job
 
     @property
     def mode(self) -> str:
@@ -68,7 +70,9 @@ def load_exported(folder: str, device: torch.device) -> Exported:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{run_file}: not a coconut.json written by run.py ({err})") from None
     model, tokenizer = build_model(dataclasses.replace(config, load_model_path=folder))
-    return Exported(model.to(device).eval(), tokenizer, config, stage)
+    # unwrapped here, so `bf16` means autocast (training under FSDP2 cast through its policy instead)
+    job = Job(dist_info(), device, autocast_context(dataclasses.replace(config, use_fsdp=False), device))
+    return Exported(model.to(device).eval(), tokenizer, config, stage, job)
 
 
 def open_prompts(exported: Exported, records: str, stage: int) -> CoconutDataset:
@@ -92,50 +96,30 @@ def prompts_of(
     return prompts
 
 
-def _autocast(exported: Exported, device: torch.device) -> Callable:
-    # without FSDP here, `bf16` means autocast (training under FSDP2 cast through its policy instead)
-    return autocast_context(dataclasses.replace(exported.config, use_fsdp=False), device)
-
-
 @torch.no_grad()
-def answer(
-    exported: Exported, prompts: CoconutDataset, batch_size: int, device: torch.device, blank_images: bool = False
-) -> list[dict]:
-    """`evaluate.generate_and_score` rows for every prompt, after one untimed generation.
-
-    The untimed call keeps one-time start-up work (CUDA kernels, allocator) out of the first batch's latency,
-    so that methods evaluated one after another are timed alike.
-    """
-    autocast = _autocast(exported, device)
+def _warm_up(exported: Exported, prompts: CoconutDataset, blank_images: bool) -> None:
+    """One untimed generation: it keeps one-time start-up work (CUDA kernels, allocator) out of the first batch's
+    latency, so that methods evaluated one after another are timed alike."""
+    device = exported.job.device
     first = collate([prompts[0]], prompts.pad_id, prompts.latent_id)
-    with autocast():
+    with exported.job.autocast():
         exported.model.generate(
             first["input_ids"].to(device),
             first["attention_mask"].to(device),
             pixel_values=batch_pixels(first, device, blank_images),
             max_new_tokens=1,
         )
-    return generate_and_score(
-        exported.model,
-        prompts,
-        exported.tokenizer,
-        batch_size,
-        exported.config.max_new_tokens,
-        device,
-        autocast,
-        blank_images=blank_images,
-        progress=True,
-    )
+
+
+def answer(exported: Exported, prompts: CoconutDataset, batch_size: int, blank_images: bool = False) -> list[dict]:
+    """`evaluate.generate_and_score` rows for every prompt, timed after a warm-up."""
+    _warm_up(exported, prompts, blank_images)
+    return generate_and_score(exported.model, prompts, exported.job, batch_size, blank_images)
 
 
 @torch.no_grad()
 def probe_thoughts(
-    exported: Exported,
-    prompts: CoconutDataset,
-    k: int,
-    batch_size: int,
-    device: torch.device,
-    blank_images: bool = False,
+    exported: Exported, prompts: CoconutDataset, k: int, batch_size: int, blank_images: bool = False
 ) -> list[list[list[dict]]]:
     """Per prompt, per continuous thought in order: the top-k tokens the thought decodes to through the language
     model head, as [{"token", "id", "prob"}], most probable first.
@@ -144,15 +128,14 @@ def probe_thoughts(
     it), so its decoding is also the model's next-token distribution at the position before the latent.
     """
     head = exported.model.base.get_output_embeddings()
-    decode = exported.tokenizer.decode
-    autocast = _autocast(exported, device)
+    decode, device = exported.tokenizer.decode, exported.job.device
     probes = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="probe", leave=False):
         items = [prompts[i] for i in range(start, min(start + batch_size, len(prompts)))]
         batch = collate(items, prompts.pad_id, prompts.latent_id)
         input_ids = batch["input_ids"].to(device)
         latent = input_ids == prompts.latent_id
-        with autocast():
+        with exported.job.autocast():
             embeds = exported.model(
                 input_ids, batch["attention_mask"].to(device), pixel_values=batch_pixels(batch, device, blank_images)
             ).inputs_embeds
@@ -182,46 +165,29 @@ def format_summary(result: dict) -> str:
 
 
 def ask(
-    exported: Exported,
-    image: str | None,
-    question: str,
-    stage: int,
-    probe: int,
-    device: torch.device,
-    blank_images: bool = False,
+    exported: Exported, image: str | None, question: str, stage: int, probe: int, blank_images: bool = False
 ) -> tuple[dict, list[list[dict]]]:
-    """Answer one question (about one image, or text only); returns the answer row and the thoughts' probes
-    (empty without `probe`)."""
+    """Answer one question (about one image, or text only); returns its `evaluate.generate_answers` row and the
+    thoughts' probes (empty without `probe`)."""
     if image is not None and not Path(image).is_file():
         raise UserError(f"--image {image}: file not found")
-    # the record format asks for steps and an answer; both are unknown here (placeholders, never shown), and
-    # pad_latents gives the stage's full number of thoughts whatever the step count
-    record = {
-        "image": str(Path(image).resolve()) if image else None,
-        "question": question,
-        "steps": ["?"],
-        "answer": "?",
-    }
+    # a question has no written steps to count thoughts by: pad_latents gives it the stage's full number
+    record = {"image": str(Path(image).resolve()) if image else None, "question": question}
     prompts = prompts_of(exported, [record], "--question", stage, pad_latents=True)
-    row = answer(exported, prompts, 1, device, blank_images)[0]
-    thoughts = probe_thoughts(exported, prompts, probe, 1, device, blank_images)[0] if probe else []
+    _warm_up(exported, prompts, blank_images)
+    row = generate_answers(exported.model, prompts, exported.job, 1, blank_images)[0]
+    thoughts = probe_thoughts(exported, prompts, probe, 1, blank_images)[0] if probe else []
     return row, thoughts
 
 
 def predict_records(
-    exported: Exported,
-    records: str,
-    stage: int,
-    batch_size: int,
-    probe: int,
-    device: torch.device,
-    blank_images: bool = False,
+    exported: Exported, records: str, stage: int, batch_size: int, probe: int, blank_images: bool = False
 ) -> list[dict]:
     """Answer rows for every record of a file; with `probe`, each row also holds its thoughts' top tokens."""
     prompts = open_prompts(exported, records, stage)
-    rows = answer(exported, prompts, batch_size, device, blank_images)
+    rows = answer(exported, prompts, batch_size, blank_images)
     if probe:
-        for row, thoughts in zip(rows, probe_thoughts(exported, prompts, probe, batch_size, device, blank_images)):
+        for row, thoughts in zip(rows, probe_thoughts(exported, prompts, probe, batch_size, blank_images)):
             row["thoughts"] = thoughts
     return rows
 
@@ -238,7 +204,7 @@ def compare(
         size = batch_size or exported.config.eval_batch_size
         runs = [(name, False)] + ([(f"{name} (blank images)", True)] if name in blank else [])
         for method, blank_images in runs:
-            result = summarize(answer(exported, prompts, size, device, blank_images))
+            result = summarize(answer(exported, prompts, size, blank_images))
             rows.append(
                 {
                     "method": method,
@@ -301,30 +267,28 @@ def answer_main(argv: list[str]) -> None:
     )
     parser.add_argument("--probe", type=_at_least(0), default=0, metavar="K", help="show each thought's top-K tokens")
     parser.add_argument("--blank-images", action="store_true", help="replace every image tile with zeros")
-    parser.add_argument("--out", help="predictions JSONL; default: <records>.predictions.jsonl")
+    parser.add_argument("--out", help="folder for eval.json and predictions.jsonl; default: <records>.eval/")
     _common_arguments(parser)
     args = parser.parse_args(argv)
     if args.image and args.records:
         parser.error("--image goes with --question; a records file names its own images")
-    device = torch.device(args.device)
-    exported = load_exported(args.folder, device)
+    exported = load_exported(args.folder, torch.device(args.device))
     stage = exported.stage if args.stage is None else args.stage
     print(f"{args.folder}: {exported.mode}, stage {stage}", file=sys.stderr)
     if args.question is not None:
-        row, thoughts = ask(exported, args.image, args.question, stage, args.probe, device, args.blank_images)
+        row, thoughts = ask(exported, args.image, args.question, stage, args.probe, args.blank_images)
         print(f"answer: {row['prediction']}  ({row['gen_tokens']} tokens, {1000 * row['latency_s']:.0f} ms)")
         for n, tokens in enumerate(thoughts, 1):
             print(format_thought(n, tokens))
         return
     batch_size = args.batch_size or exported.config.eval_batch_size
-    rows = predict_records(exported, args.records, stage, batch_size, args.probe, device, args.blank_images)
-    out = Path(args.out or Path(args.records).with_suffix(".predictions.jsonl"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(format_summary(summarize(rows)))
+    rows = predict_records(exported, args.records, stage, batch_size, args.probe, args.blank_images)
+    out = Path(args.out or Path(args.records).with_suffix(".eval"))
+    result = write_evaluation(out, rows, stage, args.records)
+    print(format_summary(result))
     if any(row["meta"] for row in rows):  # per data set and category, as the data sets' papers report accuracy
-        print(format_report(accuracy_report(rows)))
-    print(f"predictions: {out}")
+        print(format_report(result["groups"]))
+    print(f"results: {out / 'eval.json'}, predictions: {out / 'predictions.jsonl'}")
 
 
 def compare_main(argv: list[str]) -> None:

@@ -12,40 +12,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 import trainer
 from coconut import Coconut
 from config import Config, config_parser, load_config
 from curriculum import Schedule
 from dataset import CoconutDataset
-from distributed import DistInfo, autocast_context, check_parallel, parallelize, setup_distributed
-from evaluate import generate_and_score, summarize
+from distributed import Job, autocast_context, check_parallel, parallelize, setup_distributed
+from evaluate import generate_and_score, write_evaluation
 from models import build_model, encoding_for
-from scoring import accuracy_report
 from utils import UserError, entry_point, seed_everything
 
 
-def evaluate_only(config: Config, info: DistInfo, device: torch.device, model: Coconut, tokenizer) -> None:
-    """Evaluate `load_model_path` on val_path at eval_stage (default: the curriculum's last stage)."""
+def evaluate_only(config: Config, job: Job, model: Coconut, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Evaluate `load_model_path` on val_path at eval_stage (default: the curriculum's last stage), writing
+    eval.json and predictions.jsonl to the run's folder."""
     if config.load_model_path == "none":
         raise UserError("config: only_eval needs load_model_path (a checkpoint file or an exported folder)")
-    data = CoconutDataset.from_file(config.val_path, encoding_for(model.base, tokenizer, config))
-    data.set_stage(config.eval_stage if config.eval_stage >= 0 else Schedule.from_config(config).last_stage)
-    model = parallelize(model, config, device)
+    prompts = CoconutDataset.from_file(config.val_path, encoding_for(model.base, tokenizer, config)).prompts()
+    prompts.set_stage(config.eval_stage if config.eval_stage >= 0 else Schedule.from_config(config).last_stage)
+    model = parallelize(model, config, job.device)
     model.eval()
-    rows = generate_and_score(
-        model, data.prompts(), tokenizer, config.eval_batch_size, config.max_new_tokens, device,
-        autocast_context(config, device), progress=info.is_main,
-    )  # fmt: skip
-    result = summarize(rows) | {"stage": data.stage, "val_path": config.val_path, "groups": accuracy_report(rows)}
-    if info.is_main:
-        folder = Path(config.save_path) / config.name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.json").write_text(json.dumps(result, indent=2))
-        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(json.dumps(result))
+    rows = generate_and_score(model, prompts, job, config.eval_batch_size)
+    if job.is_main:
+        print(json.dumps(write_evaluation(job.folder, rows, prompts.stage, config.val_path)))
 
 
 @entry_point
@@ -56,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
         info, device = setup_distributed(config)
         config = check_parallel(config, info, args.config)
+        job = Job(info, device, autocast_context(config, device), Path(config.save_path) / config.name)
         seed_everything(config.seed)
         if config.generate_demo_data and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
             import demo_data
@@ -66,15 +59,13 @@ def main(argv: list[str] | None = None) -> None:
                 dist.barrier()
         model, tokenizer = build_model(config)
         if config.only_eval:
-            evaluate_only(config, info, device, model, tokenizer)
+            evaluate_only(config, job, model, tokenizer)
         else:
             encoding = encoding_for(model.base, tokenizer, config)
             train_data = CoconutDataset.from_file(config.train_path, encoding, mix_stages=True)
             data = (train_data, CoconutDataset.from_file(config.val_path, encoding))
-            Path(config.save_path, config.name).mkdir(parents=True, exist_ok=True)
-            base = model.base
-            model = parallelize(model, config, device)
-            trainer.train(config, info, device, model, base, tokenizer, data, autocast_context(config, device))
+            job.folder.mkdir(parents=True, exist_ok=True)
+            trainer.train(config, job, parallelize(model, config, device), tokenizer, data)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

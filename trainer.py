@@ -14,22 +14,25 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 import checkpoint
 import report
 from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate, to_device
-from distributed import DistInfo, is_distributed
+from distributed import Job, is_distributed
 from evaluate import generate_and_score, summarize, validation_loss
 from utils import UserError
 
@@ -61,6 +64,7 @@ class StopFlag:
         self.raised = True
 
     def requested(self, device: torch.device) -> bool:
+        """Whether any rank got a signal (collective: every rank must ask at the same point)."""
         flag = torch.tensor([float(self.raised)], device=device)
         if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -77,7 +81,7 @@ def lr_factor(step: int, total: int, config: Config) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
     """AdamW over all trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -85,33 +89,21 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
 
 def train(
     config: Config,
-    info: DistInfo,
-    device: torch.device,
-    model: torch.nn.Module,
-    base: torch.nn.Module,
-    tokenizer,
+    job: Job,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     data: tuple[CoconutDataset, CoconutDataset],
-    autocast,
 ) -> None:
-    """The whole curriculum: train, evaluate, log, checkpoint and export, resuming where asked."""
-    folder = Path(config.save_path) / config.name
+    """The whole curriculum: train, evaluate, log, checkpoint and export to `job.folder`, resuming where asked.
+
+    `model` is the (parallel-wrapped) Coconut model, `data` the training and the validation set.
+    """
     train_data, val_data = data
     val_prompts = val_data.prompts()
     schedule = Schedule.from_config(config)
     optimizer = make_optimizer(model, config)
-    logger = report.MetricsLog(folder, config, info.is_main)
-    progress = Progress()
-    if config.resume == "none" and (any(folder.glob("checkpoint_*.pt")) or logger.path.exists()):
-        raise UserError(
-            f"{folder} already holds a run (checkpoints or metrics.jsonl); set resume=auto to continue it, or "
-            "choose another name or save_path"
-        )
-    latest = checkpoint.latest_checkpoint(folder) if config.resume == "auto" else None
-    if latest is not None:
-        progress = Progress(**checkpoint.load_checkpoint(latest, model, optimizer))
-        if info.is_main:
-            print(f"resumed from {latest} (epoch {progress.epoch}, micro-batch {progress.micro})")
-    logger.drop_from(progress.epoch)  # the epochs this run (re)does, all of them when no checkpoint was found
+    logger = report.MetricsLog(job.folder, config, job.is_main)
+    progress = _resume(config, job, model, optimizer, logger)
     stop = StopFlag()
 
     for epoch in range(progress.epoch, config.num_epochs):
@@ -123,51 +115,76 @@ def train(
             dataset.set_stage(stage, epoch)
         progress.epoch = epoch
         start, samples_before = time.perf_counter(), progress.samples  # a resumed epoch counts from here
-        finished = train_epoch(model, optimizer, train_data, schedule, progress, info, device, autocast, stop)
-        if not finished:
-            _stopped(checkpoint.save_checkpoint(folder, progress, model, optimizer), info)
-        samples_per_s = (progress.samples - samples_before) * info.world_size / (time.perf_counter() - start)
-        metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, device)}
-        metrics["val_loss"] = validation_loss(model, val_data, config.eval_batch_size, device, autocast)
-        rows = generate_and_score(
-            model, val_prompts, tokenizer, config.eval_batch_size, config.max_new_tokens, device, autocast,
-            progress=info.is_main,
-        )  # fmt: skip
-        result = summarize(rows)
+        if not train_epoch(model, optimizer, train_data, schedule, progress, job, stop):
+            _stopped(checkpoint.save_checkpoint(job.folder, progress, model, optimizer), job)
+        samples_per_s = (progress.samples - samples_before) * job.dist.world_size / (time.perf_counter() - start)
+        metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, job.device)}
+        metrics["val_loss"] = validation_loss(model, val_data, job, config.eval_batch_size)
+        result = summarize(generate_and_score(model, val_prompts, job, config.eval_batch_size))
         metrics |= {"val_accuracy": result["accuracy"], "gen_tokens": result["gen_tokens"]}
         metrics |= {"samples_per_s": samples_per_s, "lr": optimizer.param_groups[0]["lr"]}
         logger.log(metrics)
-        if info.is_main:
+        if job.is_main:
             print(report.format_epoch(metrics))
         improved = result["accuracy"] > progress.best
         progress.best = max(progress.best, result["accuracy"])
         progress.epoch, progress.micro, progress.losses, progress.samples = epoch + 1, 0, [], 0
         saved = improved or not config.save_only_improve
         if saved:
-            path = checkpoint.save_checkpoint(folder, progress, model, optimizer)
-            checkpoint.prune_checkpoints(folder, config.keep_checkpoints)
+            path = checkpoint.save_checkpoint(job.folder, progress, model, optimizer)
+            checkpoint.prune_checkpoints(job.folder, config.keep_checkpoints)
         if schedule.ends_stage(epoch):
-            run_info = {"config": dataclasses.asdict(config), "stage": stage}
-            checkpoint.export_pretrained(model, base, tokenizer, folder / f"stage_{stage}", run_info)
+            _export(model, tokenizer, config, stage, job.folder / f"stage_{stage}")
         # a signal during evaluation or saving: the epoch's checkpoint is the place to continue from
-        if saved and epoch < config.num_epochs - 1 and stop.requested(device):
-            _stopped(path, info)
-    run_info = {"config": dataclasses.asdict(config), "stage": schedule.last_stage}
-    checkpoint.export_pretrained(model, base, tokenizer, folder / "final", run_info)
-    if info.is_main and logger.path.exists():
+        if saved and epoch < config.num_epochs - 1 and stop.requested(job.device):
+            _stopped(path, job)
+    _export(model, tokenizer, config, schedule.last_stage, job.folder / "final")
+    if job.is_main and logger.path.exists():
         print(report.stage_table(logger.path))
-        print(f"plot: {report.plot_metrics(logger.path, folder / 'metrics.png')}")
+        print(f"plot: {report.plot_metrics(logger.path, job.folder / 'metrics.png')}")
 
 
-def train_epoch(model, optimizer, data, schedule: Schedule, progress: Progress, info, device, autocast, stop) -> bool:
+def _resume(config: Config, job: Job, model: nn.Module, optimizer: Optimizer, logger: report.MetricsLog) -> Progress:
+    """Where the run starts: the newest checkpoint's progress (model and optimizer restored) with resume: auto, else
+    the beginning; a fresh run into a folder that already holds one is refused."""
+    folder, progress = job.folder, Progress()
+    if config.resume == "none" and (any(folder.glob("checkpoint_*.pt")) or logger.path.exists()):
+        raise UserError(
+            f"{folder} already holds a run (checkpoints or metrics.jsonl); set resume=auto to continue it, or "
+            "choose another name or save_path"
+        )
+    latest = checkpoint.latest_checkpoint(folder) if config.resume == "auto" else None
+    if latest is not None:
+        progress = Progress(**checkpoint.load_checkpoint(latest, model, optimizer))
+        if job.is_main:
+            print(f"resumed from {latest} (epoch {progress.epoch}, micro-batch {progress.micro})")
+    logger.drop_from(progress.epoch)  # the epochs this run (re)does, all of them when no checkpoint was found
+    return progress
+
+
+def _export(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config, stage: int, folder: Path) -> None:
+    """Export the model trained to `stage`, with the run's config, for infer.py and later runs."""
+    checkpoint.export_pretrained(model, tokenizer, folder, {"config": dataclasses.asdict(config), "stage": stage})
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: Optimizer,
+    data: CoconutDataset,
+    schedule: Schedule,
+    progress: Progress,
+    job: Job,
+    stop: StopFlag | None = None,
+) -> bool:
     """Train the rest of the current epoch (from `progress.micro`) with its stage's config, the learning rate
-    following the schedule's steps; False when a stop signal ended it early.
+    following the schedule's steps; False when a stop signal ended it early (no `stop`: never).
 
     The data order depends only on seed and epoch, so a resumed epoch skips exactly the micro-batches that the
     interrupted run had trained. Each optimizer step averages the micro-batch losses of its accumulation group,
     the epoch's last group too when it is shorter.
     """
     config = schedule.stage_config(progress.epoch)
+    info = job.dist
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
     total_steps = schedule.lr_steps(progress.epoch, len(sampler))  # len(sampler): this rank's share of the records
     if progress.samples != min(progress.micro * config.batch_size_training, len(sampler)):
@@ -184,7 +201,7 @@ def train_epoch(model, optimizer, data, schedule: Schedule, progress: Progress, 
         sampler=order,
         collate_fn=partial(collate, pad_id=data.pad_id, latent_id=data.latent_id),
         num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU without blocking the host
+        pin_memory=job.device.type == "cuda",  # page-locked batches copy to the GPU without blocking the host
     )
     n_micro = math.ceil(len(sampler) / config.batch_size_training)
     accumulate = config.gradient_accumulation_steps
@@ -198,8 +215,8 @@ def train_epoch(model, optimizer, data, schedule: Schedule, progress: Progress, 
         group = min(accumulate, n_micro - group_start)
         progress.micro += 1
         last_micro = progress.micro == group_start + group
-        batch = to_device(batch, device)
-        with _grad_sync(model, last_micro), autocast():
+        batch = to_device(batch, job.device)
+        with _grad_sync(model, last_micro), job.autocast():
             loss = model(**batch).loss
             (loss / group).backward()
         progress.losses.append(loss.item())
@@ -226,15 +243,15 @@ def train_epoch(model, optimizer, data, schedule: Schedule, progress: Progress, 
                 )
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{progress.losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if stop.requested(device):
+        if stop is not None and stop.requested(job.device):
             return False
     model.eval()
     return True
 
 
-def _stopped(path: Path, info: DistInfo) -> None:
+def _stopped(path: Path, job: Job) -> None:
     """Exit as a preempted job after a stop signal, naming the checkpoint that `resume: auto` continues from."""
-    if info.is_main:
+    if job.is_main:
         print(f"stopped by signal: wrote {path}; continue with resume=auto", file=sys.stderr)
     sys.exit(PREEMPTED_EXIT)
 
@@ -247,7 +264,7 @@ def _mean_across_ranks(values: list[float], device: torch.device) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _grad_sync(model: torch.nn.Module, sync: bool):
+def _grad_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
     """Skip the gradient all-reduce on accumulation micro-steps (DDP `no_sync`, FSDP2 requires_gradient_sync)."""
     if hasattr(model, "no_sync"):
         return nullcontext() if sync else model.no_sync()

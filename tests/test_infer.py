@@ -18,6 +18,7 @@ import infer
 from checkpoint import export_pretrained
 from config import Config
 from dataset import CoconutDataset
+from distributed import DistInfo, Job
 from evaluate import generate_and_score
 from models import encoding_for, load_base
 
@@ -34,7 +35,7 @@ def exported(tmp_path_factory):
         torch.manual_seed(0)
         base, tokenizer = load_base("tiny")
         run = {"config": dataclasses.asdict(config), "stage": stage}
-        export_pretrained(make_coconut(base, tokenizer), base, tokenizer, root / name, run)
+        export_pretrained(make_coconut(base, tokenizer), tokenizer, root / name, run)
     (root / "no_weights").mkdir()
     (root / "no_weights" / "coconut.json").write_text((root / "coconut" / "coconut.json").read_text())
     return root
@@ -54,7 +55,10 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     infer.main([str(exported / "coconut"), "--records", str(records), "--probe", "2", "--batch-size", "4"])
     out = capsys.readouterr().out
     assert "accuracy 0.000 | mean generated tokens 8.0" in out  # random weights: never right, never stops
-    rows = [json.loads(line) for line in (exported / "data" / "test.predictions.jsonl").read_text().splitlines()]
+    results = exported / "data" / "test.eval"  # beside the records, as only_eval writes into its run's folder
+    rows = [json.loads(line) for line in (results / "predictions.jsonl").read_text().splitlines()]
+    evaluation = json.loads((results / "eval.json").read_text())
+    assert (evaluation["n"], evaluation["stage"], evaluation["records"]) == (6, 2, str(records))
     assert len(rows) == 6
     assert {"id", "prediction", "answer", "correct", "gen_tokens", "latency_s", "thoughts"} <= set(rows[0])
     assert all(len(row["thoughts"]) == 2 and all(len(t) == 2 for t in row["thoughts"]) for row in rows)
@@ -63,7 +67,8 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     data = CoconutDataset.from_file(str(records), encoding_for(base, tokenizer, COCONUT))
     prompts = data.prompts()
     prompts.set_stage(2)
-    expected = generate_and_score(make_coconut(base.eval(), tokenizer), prompts, tokenizer, 4, 8, torch.device("cpu"))
+    job = Job(DistInfo(0, 0, 1), torch.device("cpu"))
+    expected = generate_and_score(make_coconut(base.eval(), tokenizer), prompts, job, batch_size=4)
     keys = ("id", "prediction", "answer", "correct", "gen_tokens")
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in expected]
 
@@ -100,7 +105,7 @@ def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought)
     model = infer.load_exported(str(exported / "coconut"), torch.device("cpu"))
     model.config = dataclasses.replace(model.config, c_thought=c_thought)
     prompts = infer.open_prompts(model, str(exported / "data" / "test.jsonl"), stage)
-    probes = infer.probe_thoughts(model, prompts, 5, 4, torch.device("cpu"))
+    probes = infer.probe_thoughts(model, prompts, 5, 4)
     assert len(probes) == 6
     base = model.model.base
     with torch.no_grad():
@@ -113,7 +118,7 @@ def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought)
             assert [tokens[0]["id"] for tokens in thoughts] == probs.argmax(-1).tolist()
             top = torch.tensor([[t["prob"] for t in tokens] for tokens in thoughts])
             torch.testing.assert_close(top, probs.topk(5).values, rtol=1e-4, atol=1e-6)
-    blank = infer.probe_thoughts(model, prompts, 5, 4, torch.device("cpu"), blank_images=True)
+    blank = infer.probe_thoughts(model, prompts, 5, 4, blank_images=True)
     assert blank[0][0][0]["prob"] != probes[0][0][0]["prob"]  # the thoughts read the image
 
 

@@ -26,7 +26,7 @@ from coconut import Coconut
 from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, Encoding
-from distributed import DistInfo
+from distributed import DistInfo, Job
 from images import tile_image, to_rgb
 from models import load_base
 from records import load_records
@@ -374,6 +374,5 @@ def test_a_mid_epoch_resume_at_another_batch_size_stops_with_one_line():
     with pytest.raises(
         UserError, match="stopped epoch 3 after 2 micro-batches of 8; resume with batch_size_training=8"
     ):
-        trainer.train_epoch(
-            None, None, list(range(40)), Schedule.from_config(config), progress, DistInfo(0, 0, 1), None, None, None
-        )
+        job = Job(DistInfo(0, 0, 1), torch.device("cpu"))
+        trainer.train_epoch(None, None, list(range(40)), Schedule.from_config(config), progress, job)

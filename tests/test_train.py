@@ -19,7 +19,7 @@ from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate
-from distributed import DistInfo
+from distributed import DistInfo, Job
 from evaluate import shard
 from models import encoding_for, load_base
 
@@ -60,6 +60,7 @@ def test_only_eval_scores_an_exported_model(tmp_path, data_dir):
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     assert result["stage"] == 1 and result["n"] == len(predictions) == 8
+    assert result["records"] == f"{data_dir}/val.jsonl"  # the key infer.py's eval.json has too
     assert result["accuracy"] == sum(json.loads(p)["correct"] for p in predictions) / 8
     assert result["groups"]["overall"] == {
         "correct": round(8 * result["accuracy"]),
@@ -129,12 +130,8 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
     model = make_coconut(base, tokenizer)
     reference = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    never = type("Never", (), {"requested": lambda self, device: False})()
-    finished = trainer.train_epoch(
-        model, optimizer, data, Schedule.from_config(config), trainer.Progress(), DistInfo(0, 0, 1),
-        torch.device("cpu"), trainer.nullcontext, never,
-    )  # fmt: skip
-    assert finished
+    job = Job(DistInfo(0, 0, 1), torch.device("cpu"))
+    assert trainer.train_epoch(model, optimizer, data, Schedule.from_config(config), trainer.Progress(), job)
 
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
     sampler.set_epoch(0)
