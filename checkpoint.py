@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import PreTrainedTokenizerBase
 
 from distributed import dist_info, gather_objects, unwrap
-from utils import UserError
+from utils import UserError, atomic_write_text
 
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
 
@@ -101,13 +101,6 @@ def atomic_save(obj: object, path: Path) -> str:
             "free disk space and resume; older checkpoints are intact"
         ) from None
     return digest
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that it appears whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

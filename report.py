@@ -9,8 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from checkpoint import atomic_write_text
-from utils import UserError, entry_point
+from utils import UserError, atomic_write_text, entry_point
 
 
 class MetricsLog:

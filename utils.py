@@ -1,10 +1,11 @@
-"""What every module may share: the one user-error type and its `entry_point` wrapper, reading a checkpoint
-folder's config.json, and seeding."""
+"""What every module may share: the one user-error type and its `entry_point` wrapper, writing a file whole or not
+at all, reading a checkpoint folder's config.json, and seeding."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -44,6 +45,13 @@ def _message(err: UserError) -> str:
     if text.startswith("Caught UserError"):
         return text.splitlines()[-1].split("UserError: ", 1)[-1]
     return text
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that it appears whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_checkpoint_config(folder: str | Path) -> dict:

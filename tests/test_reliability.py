@@ -22,6 +22,7 @@ import checkpoint
 import report
 import run as run_module
 import trainer
+import utils
 from coconut import Coconut
 from config import Config
 from curriculum import Schedule
@@ -362,7 +363,7 @@ def test_a_crash_while_logging_metrics_leaves_the_log_whole(tmp_path, monkeypatc
     def crash(*args):
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(utils.os, "replace", crash)
     with pytest.raises(OSError):
         log.log({"epoch": 1, "train_loss": 0.5})
     assert report.read_metrics(log.path) == [{"epoch": 0, "train_loss": 1.0}]
