@@ -286,17 +286,17 @@ def load_internvl(
     remote code runs; problems with the folder raise `UserError`. The model is returned in eval mode.
     """
     path = Path(folder)
+    stored = read_checkpoint_config(path)
     if not is_original_layout(path):
         return InternVLForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+            path, local_files_only=True, dtype=dtype or stored_dtype(stored), attn_implementation=attn_implementation
         )
     weight_files = _weight_files(path)
     image_token_id = load_tokenizer(path).convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
     original_sd: dict[str, torch.Tensor] = {}
     for file in weight_files:
         original_sd.update(load_file(file))
-    original = read_checkpoint_config(path)
-    config = native_config_from_original(original, image_token_id, separate_head=ORIGINAL_HEAD in original_sd)
+    config = native_config_from_original(stored, image_token_id, separate_head=ORIGINAL_HEAD in original_sd)
     converted = convert_state_dict(original_sd, config)
     # Random initialisation of a 1B model is wasted work: every parameter is overwritten below.
     with no_init_weights():
@@ -313,6 +313,17 @@ def load_internvl(
         )
     model.tie_weights()
     return model.eval()
+
+
+def stored_dtype(config: dict) -> torch.dtype | str:
+    """The dtype a native folder's weights are stored in, as its config.json records it (transformers 5 writes
+    `dtype`, 4.x `torch_dtype`); "auto" when it records none, which makes `from_pretrained` read the weights'.
+
+    Passed to `from_pretrained` explicitly because its default differs: transformers 5 keeps the stored dtype,
+    4.x loads float32.
+    """
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name) if name else "auto"
 
 
 def _weight_files(folder: Path) -> list[Path]:

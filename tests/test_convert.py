@@ -292,6 +292,30 @@ def test_keys_a_config_leaves_out_take_the_original_defaults() -> None:
         native_config_from_original(original, 258)
 
 
+@pytest.mark.parametrize("key, passed", [("dtype", torch.bfloat16), ("torch_dtype", torch.bfloat16), (None, "auto")])
+def test_a_native_folder_loads_in_its_stored_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key, passed
+) -> None:
+    # transformers 4.x loads float32 when from_pretrained is given no dtype (5 keeps the stored one), so the dtype
+    # config.json records is passed explicitly: under `dtype` (as 5 writes it), `torch_dtype` (as 4.x writes it),
+    # or, recording none, "auto" (from_pretrained then reads the weights' dtype in either version)
+    variant = VARIANTS["tied"]
+    model = native_model(variant["tied"], variant["norm_type"], variant["qk_norm"], variant["qkv_bias"])
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    config = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items() if "dtype" not in k}
+    (tmp_path / "config.json").write_text(json.dumps(config | ({key: "bfloat16"} if key else {})))
+    asked = []
+    real = InternVLForConditionalGeneration.from_pretrained.__func__
+    spy = classmethod(lambda cls, *args, **kwargs: asked.append(kwargs["dtype"]) or real(cls, *args, **kwargs))
+    monkeypatch.setattr(InternVLForConditionalGeneration, "from_pretrained", spy)
+
+    loaded = load_internvl(str(tmp_path))
+
+    assert asked == [passed]
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert load_internvl(str(tmp_path), dtype=torch.float32).dtype == torch.float32  # an explicit dtype wins
+
+
 def test_attention_implementation_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pick_attn_implementation("eager") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
