@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -287,7 +288,9 @@ def load_internvl(
     """
     path = Path(folder)
     stored = read_checkpoint_config(path)
-    if not is_original_layout(path):
+    original = is_original_layout(path)
+    _check_feature_layer(folder, stored.get("select_layer" if original else "vision_feature_layer", -1))
+    if not original:
         return InternVLForConditionalGeneration.from_pretrained(
             path, local_files_only=True, dtype=dtype or stored_dtype(stored), attn_implementation=attn_implementation
         )
@@ -313,6 +316,21 @@ def load_internvl(
         )
     model.tie_weights()
     return model.eval()
+
+
+def transformers_before_5() -> bool:
+    """Whether the installed transformers is a 4.x release (4.57.6 is the oldest this repo supports)."""
+    return int(transformers.__version__.split(".")[0]) < 5
+
+
+def _check_feature_layer(folder: str, layer: int) -> None:
+    """Refuse, at load, a vision feature layer other than the last under transformers 4.x: its InternVL loads such
+    a checkpoint and then fails in the first forward."""
+    if layer != -1 and transformers_before_5():
+        raise UserError(
+            f"{folder}: vision_feature_layer (select_layer) {layer} fails in transformers {transformers.__version__}'s "
+            "InternVL at the first forward; install transformers 5 or use a checkpoint that selects layer -1"
+        )
 
 
 def stored_dtype(config: dict) -> torch.dtype | str:

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
 import convert
+import internvl
 from internvl import convert_state_dict, is_original_layout, load_internvl, native_config_from_original
 from models import pick_attn_implementation
 from utils import UserError
@@ -314,6 +315,32 @@ def test_a_native_folder_loads_in_its_stored_dtype(
     assert asked == [passed]
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert load_internvl(str(tmp_path), dtype=torch.float32).dtype == torch.float32  # an explicit dtype wins
+
+
+@pytest.mark.parametrize("layout, key", [("original", "select_layer"), ("native", "vision_feature_layer")])
+def test_a_feature_layer_other_than_the_last_is_refused_at_load_before_transformers_5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, key: str
+) -> None:
+    # transformers 4.x (4.57.6) loads such a checkpoint, then fails in the first forward: stop at load instead.
+    # This transformers is 5.x, so the version check is patched; the logic around it is what is tested.
+    variant = VARIANTS["tied"]
+    model = native_model(variant["tied"], variant["norm_type"], variant["qk_norm"], variant["qkv_bias"])
+    if layout == "original":
+        write_original_checkpoint(tmp_path, model, variant)
+    else:
+        model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {key: -2}))
+
+    monkeypatch.setattr(internvl, "transformers_before_5", lambda: True)
+    with pytest.raises(UserError, match="vision_feature_layer \\(select_layer\\) -2 fails in transformers") as err:
+        load_internvl(str(tmp_path))
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(internvl, "transformers_before_5", lambda: False)
+    assert load_internvl(str(tmp_path)).config.vision_feature_layer == -2  # transformers 5 runs it
+    monkeypatch.setattr(internvl, "transformers_before_5", lambda: True)
+    (tmp_path / "config.json").write_text(json.dumps(config | {key: -1}))
+    assert load_internvl(str(tmp_path)).config.vision_feature_layer == -1  # the last layer loads on 4.x too
 
 
 def test_attention_implementation_rule(monkeypatch: pytest.MonkeyPatch) -> None:
