@@ -18,19 +18,25 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.optim import Optimizer
 from transformers import PreTrainedTokenizerBase
 
 from distributed import dist_info, gather_objects, unwrap
 from utils import UserError, atomic_write_text
+
+if TYPE_CHECKING:  # trainer.py imports this module
+    from trainer import Progress
 
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
 
@@ -66,8 +72,8 @@ def checkpoint_path(folder: Path, epoch: int, micro: int) -> Path:
     return folder / (f"checkpoint_{epoch - 1}.pt" if micro == 0 else f"checkpoint_{epoch}_micro{micro}.pt")
 
 
-def save_checkpoint(folder: Path, progress, model, optimizer) -> Path:
-    """Write a checkpoint of `progress` (a trainer.Progress), model and optimizer; collective, rank 0 writes.
+def save_checkpoint(folder: Path, progress: Progress, model: nn.Module, optimizer: Optimizer) -> Path:
+    """Write a checkpoint of `progress`, model and optimizer; collective, rank 0 writes.
 
     A failed write (disk full) removes its temporary file, leaves the older checkpoints as they were and stops
     with one line.
@@ -148,7 +154,7 @@ def _read_state(path: Path | str) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG state from `path`; return this rank's progress dict.
 
     Only a job of as many processes as wrote it can resume it: the progress and data order are per rank.
@@ -168,7 +174,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return state["progress"][dist_info().rank]
 
 
-def load_model_weights(path: str, model: torch.nn.Module) -> None:
+def load_model_weights(path: str, model: nn.Module) -> None:
     """Load only the model weights of a checkpoint file into `model` (used to start from a CoT checkpoint)."""
     state = _read_state(path)
     try:
@@ -178,7 +184,7 @@ def load_model_weights(path: str, model: torch.nn.Module) -> None:
         raise UserError(f"{path}: its weights do not fit this model ({first[:200]}); check model_id") from None
 
 
-def export_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, run: dict) -> None:
+def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, run: dict) -> None:
     """Write the base model inside the (possibly parallel-wrapped) Coconut `model` with `save_pretrained`, the
     tokenizer (latent tokens included) and `run` (the training config and the stage the model was trained to) as
     coconut.json to `folder`.

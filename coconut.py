@@ -54,6 +54,7 @@ class CoconutOutput:
 
     @property
     def logits(self) -> torch.Tensor:
+        """The B x T x V logits, computed at the first read."""
         if self._logits is None:
             device, dtype, enabled = self._autocast
             with torch.set_grad_enabled(self._grad), torch.autocast(device, dtype, enabled=enabled):

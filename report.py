@@ -9,13 +9,14 @@ import argparse
 import json
 from pathlib import Path
 
+from config import Config
 from utils import UserError, atomic_write_text, entry_point
 
 
 class MetricsLog:
     """metrics.jsonl on rank 0, plus wandb or TensorBoard when `report_to` asks for one (imported only then)."""
 
-    def __init__(self, folder: Path, config, enabled: bool) -> None:
+    def __init__(self, folder: Path, config: Config, enabled: bool) -> None:
         self.path, self.enabled, self.backend = Path(folder) / "metrics.jsonl", enabled, None
         if not enabled or config.report_to == "none":
             return
