@@ -224,7 +224,11 @@ def collate(batch: list[dict], pad_id: int, latent_id: int) -> dict:
     return out
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A collated batch's tensors on `device` (a text-only batch's pixel_values stay None). The copies do not
-    block the host: from pinned memory they overlap with the work already queued."""
-    return {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device, pixel_dtype: torch.dtype | None = None) -> dict:
+    """A collated batch's tensors on `device` (a text-only batch's pixel_values stay None), the tiles also cast to
+    `pixel_dtype` when given (for a model whose weights are in that dtype, run without autocast: the benchmark's).
+    The copies do not block the host: from pinned memory they overlap with the work already queued."""
+    moved = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+    if pixel_dtype is not None and moved.get("pixel_values") is not None:
+        moved["pixel_values"] = moved["pixel_values"].to(pixel_dtype)
+    return moved

@@ -24,7 +24,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from coconut import Coconut
 from config import Config
-from dataset import Encoding
+from dataset import Encoding, to_device
 from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, tile_size
 from models import load_base, pick_attn_implementation
 
@@ -160,14 +160,6 @@ def gpu_batches(
     cot_batch = dict(zip(names, pad_right(cot, cot_labels, pad))) | {"pixel_values": pixels}
     coconut_batch = dict(zip(names, pad_right(coconut, coconut_labels, pad))) | {"pixel_values": pixels}
     return cot_batch, coconut_batch, (start, end, latent)
-
-
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a batch to `device`, its pixel values also to the model's dtype."""
-    moved = {k: v.to(device) for k, v in batch.items()}
-    if "pixel_values" in moved:
-        moved["pixel_values"] = moved["pixel_values"].to(dtype)
-    return moved
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:
