@@ -1,12 +1,13 @@
 """A synthetic visual multi-step reasoning set that a tiny model can learn on a CPU, and that needs its steps.
 
 Each 64-px image is a 4 x 4 grid of coloured cells, one 16-px cell per vision token of the tiny model. Every
-colour is an arrow: pink moves right, blue down, lime left, gold up (wrapping around the edges). The question
-gives a start cell ("from 2,1"); the answer is the colour of the cell reached after three moves. Each step is the colour
-read at the current cell and the cell it leads to ("pink 1,3"), so one step is one look at the image, while a
-direct answer has to chain four looks inside the network.
+colour is an arrow: pink moves right, blue down, lime left, gold up (wrapping around the edges). Cells are named by
+one letter, row by row (a b c d / e f g h / i j k l / m n o p). The question gives a start cell ("from g"); the
+answer is the colour of the cell reached after three moves. Each step is the colour read at the current cell and the
+cell it leads to ("pink h"), so one step is one look at the image, while a direct answer has to chain four looks
+inside the network.
 
-    python demo_data.py data/demo            # writes train/val/test .jsonl and images/, seeded
+    python demo_data.py data/grid            # writes train/val/test .jsonl and images/, seeded
 """
 
 from __future__ import annotations
@@ -27,17 +28,24 @@ GRID, CELL, HOPS = 4, 16, 3
 SPLITS = {"train": 8000, "val": 256, "test": 512}
 
 
+def cell_name(row: int, column: int) -> str:
+    """A cell's one-letter name. One token per cell (the byte-level tiny tokenizer), where "r,c" took three whose
+    meaning the model had to compose: with seed 0 and the same training, CoT reached 1.000 validation accuracy by
+    epoch 10 with these names and 0.422 at epoch 12 with "r,c" (docs/experiments.md)."""
+    return "abcdefghijklmnop"[row * GRID + column]
+
+
 def make_example(rng: random.Random) -> tuple[list[list[str]], dict]:
     """One random grid and its record (without id and image path)."""
     grid = [[rng.choice(list(COLOURS)) for _ in range(GRID)] for _ in range(GRID)]
     r, c = rng.randrange(GRID), rng.randrange(GRID)
-    question = f"from {r},{c}"
+    question = f"from {cell_name(r, c)}"
     steps = []
     for _ in range(HOPS):
         colour = grid[r][c]
         dr, dc = MOVES[colour]
         r, c = (r + dr) % GRID, (c + dc) % GRID
-        steps.append(f"{colour} {r},{c}")
+        steps.append(f"{colour} {cell_name(r, c)}")
     return grid, {"question": question, "steps": steps, "answer": grid[r][c]}
 
 
