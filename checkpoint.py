@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,6 +39,8 @@ from utils import UserError, atomic_write_text
 if TYPE_CHECKING:  # trainer.py imports this module
     from trainer import Progress
 
+PROJECTION_FILE = "thought_projection.safetensors"  # an exported `projected` model's thought projection
+PROJECTION_PREFIX = "projection."  # its parameters' names in Coconut's state dict
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
 
 
@@ -175,13 +178,29 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer) -> dict:
 
 
 def load_model_weights(path: str, model: nn.Module) -> None:
-    """Load only the model weights of a checkpoint file into `model` (used to start from a CoT checkpoint)."""
+    """Load only the model weights of a checkpoint file into `model` (used to start from a CoT checkpoint); a
+    thought projection the checkpoint lacks keeps its new initialisation."""
     state = _read_state(path)
     try:
-        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+        keys = set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
     except (RuntimeError, KeyError, ValueError) as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{path}: its weights do not fit this model ({first[:200]}); check model_id") from None
+    misfits = [k for k in keys.missing_keys if not k.startswith(PROJECTION_PREFIX)] + keys.unexpected_keys
+    if misfits:
+        hint = "set thought_feedback: projected" if misfits[0].startswith(PROJECTION_PREFIX) else "check model_id"
+        raise UserError(f"{path}: its weights do not fit this model ({misfits[0]} and others); {hint}")
+
+
+def load_projection(folder: Path, model: nn.Module) -> None:
+    """Load an exported folder's thought projection into a `projected` Coconut `model`; a folder without one (a
+    CoT or `hidden` model) leaves the new projection as it is."""
+    file = folder / PROJECTION_FILE
+    if not file.is_file():
+        return
+    if model.projection is None:
+        raise UserError(f"{folder}: holds a projected model's {PROJECTION_FILE}; set thought_feedback: projected")
+    model.projection.load_state_dict(load_file(file))
 
 
 def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, run: dict) -> None:
@@ -189,6 +208,7 @@ def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fold
     tokenizer (latent tokens included) and `run` (the training config and the stage the model was trained to) as
     coconut.json to `folder`.
 
+    A `projected` model's thought projection goes to thought_projection.safetensors beside the weights.
     Collective under FSDP2 (the weights are gathered first); rank 0 writes.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -198,5 +218,8 @@ def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fold
     prefix = "base."
     base = unwrap(model).base
     base.save_pretrained(folder, state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    projection = {k[len(PROJECTION_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTION_PREFIX)}
+    if projection:
+        save_file(projection, folder / PROJECTION_FILE)
     tokenizer.save_pretrained(folder)
     (folder / "coconut.json").write_text(json.dumps(run, indent=2))

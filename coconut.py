@@ -22,10 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from config import THOUGHT_FEEDBACK
 from distributed import is_distributed
 
 # the markers that open and close the continuous thoughts, and the token each thought takes the place of
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
+# what inference puts at the latent positions: the model's thoughts or a control that carries nothing
+THOUGHT_CONTROLS = ("model", "noise", "zeros", "pause")
 
 
 class CoconutOutput:
@@ -48,6 +52,7 @@ class CoconutOutput:
         self.loss, self.inputs_embeds = loss, inputs_embeds
         self._hidden, self._head, self._logits = hidden, head, None
         self._labelled = labelled  # (logits at the labelled positions, shifted labels, their mask)
+        self.thought_loss: torch.Tensor | None = None  # step supervision, set by `Coconut.forward` when asked
         self._grad = torch.is_grad_enabled()
         device = hidden.device.type
         self._autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -76,7 +81,8 @@ class Coconut(nn.Module):
     """Wraps a `transformers` InternVL (or causal LM) so that latent tokens carry continuous thoughts.
 
     `latent_token_id` marks thought positions (the `<|start-latent|>`/`<|end-latent|>` markers around them are
-    ordinary tokens to the model); `eos_token_id` ends generation.
+    ordinary tokens to the model); `eos_token_id` ends generation. `thought_feedback` says how a hidden state
+    becomes the next thought's input embedding (`feed_back`).
     """
 
     def __init__(
@@ -84,11 +90,17 @@ class Coconut(nn.Module):
         base: nn.Module,
         latent_token_id: int,
         eos_token_id: int,
+        thought_feedback: str = "hidden",
     ) -> None:
         super().__init__()
+        if thought_feedback not in THOUGHT_FEEDBACK:
+            raise ValueError(f"thought_feedback must be one of {THOUGHT_FEEDBACK}, got {thought_feedback!r}")
         self.base = base
         self.latent_token_id = latent_token_id
         self.eos_token_id = eos_token_id
+        self.thought_feedback = thought_feedback
+        width = base.get_input_embeddings().weight.shape[1]
+        self.projection = ThoughtProjection(width) if thought_feedback == "projected" else None
         self.has_vision = hasattr(base.config, "vision_config")
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
         params = inspect.signature(self.decoder.forward).parameters
@@ -129,6 +141,21 @@ class Coconut(nn.Module):
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
+    def feed_back(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The input embedding of a thought from the last hidden state before it (rows of D).
+
+        `hidden` feeds the state back as it is (the paper); `rescaled` gives it the root-mean-square norm of the
+        input-embedding rows, the scale the decoder's first layer was trained on (the final norm leaves hidden
+        states about sqrt(D) long, an order of magnitude off); `projected` maps it through `ThoughtProjection`.
+        """
+        if self.thought_feedback == "rescaled":
+            table = self.base.get_input_embeddings().weight.detach()
+            scale = table.float().pow(2).sum(-1).mean().sqrt().to(hidden.dtype)
+            return hidden * (scale / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        if self.thought_feedback == "projected":
+            return self.projection(hidden)
+        return hidden
+
     def _segments(self, latent_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Column ranges of the decoder passes: split before every column that holds a latent in any row.
 
@@ -158,21 +185,26 @@ class Coconut(nn.Module):
         pixel_values: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache_length: int,
+        thoughts: str = "model",
     ) -> tuple[torch.Tensor, torch.Tensor, Cache]:
         """Run the decoder over the whole sequence, filling each latent from the hidden state before it.
 
+        `thoughts` other than "model" replaces every thought by a control (`THOUGHT_CONTROLS`): Gaussian noise of
+        the thought's norm, zeros, or the `<|latent|>` embedding itself ("pause", which is what the `none`
+        feedback trains with: the latents are then ordinary tokens and one pass covers the sequence).
         Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache, which
         has room for `cache_length` columns.
         """
         embeds = self.embed(input_ids, pixel_values)
         latent_mask = input_ids == self.latent_token_id
+        paused = self.thought_feedback == "none" or thoughts == "pause"
         cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
         hidden_parts, embed_parts = [], []
-        for start, end in self._segments(latent_mask):
+        for start, end in self._segments(torch.zeros_like(latent_mask) if paused else latent_mask):
             part = embeds[:, start:end]
-            if hidden_parts:
-                # the previous pass ended at column start-1: its last state is the thought for column start
-                thought = hidden_parts[-1][:, -1]
+            if hidden_parts and not paused:
+                # the previous pass ended at column start-1: its last state gives the thought for column start
+                thought = _control(self.feed_back(hidden_parts[-1][:, -1]), thoughts)
                 first = torch.where(latent_mask[:, start, None], thought, part[:, 0])
                 part = torch.cat([first.unsqueeze(1), part[:, 1:]], dim=1)
             out = self.decoder(
@@ -193,15 +225,23 @@ class Coconut(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        step_ids: torch.Tensor | None = None,
+        thoughts_per_step: int = 1,
+        thoughts: str = "model",
     ) -> CoconutOutput:
         """Logits for every position and, with `labels`, the shifted cross-entropy over labels != -100 (the
         logits are then computed only if read, see `CoconutOutput`).
 
         Positions default to the attention mask's cumulative sum minus one, so left and right padding both work.
+        With `step_ids` (B x G x L, the tokens of the step each group of `thoughts_per_step` thoughts replaced,
+        -100 padded), the output's `thought_loss` is the step supervision of `step_loss`. `thoughts` replaces
+        the thoughts by a control (`_prefill`).
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden, embeds, _ = self._prefill(input_ids, attention_mask, pixel_values, position_ids, input_ids.shape[1])
+        hidden, embeds, _ = self._prefill(
+            input_ids, attention_mask, pixel_values, position_ids, input_ids.shape[1], thoughts
+        )
         head = self.base.get_output_embeddings()
         loss = labelled = None
         if labels is not None:
@@ -214,9 +254,41 @@ class Coconut(nn.Module):
             loss = F.cross_entropy(logits, targets[keep])
             labelled = (logits, targets, keep)
         output = CoconutOutput(loss, embeds, hidden, head, labelled)
+        if step_ids is not None:
+            latent = input_ids == self.latent_token_id
+            per_row = latent.sum(1).tolist()
+            output.thought_loss = self.step_loss(embeds[latent], per_row, step_ids, thoughts_per_step)
         if labels is None:  # whoever asks without labels wants the logits: compute them within the forward call
             _ = output.logits
         return output
+
+    def step_loss(self, thoughts: torch.Tensor, per_row: list[int], step_ids: torch.Tensor, width: int) -> torch.Tensor:
+        """Step supervision (after SIM-CoT, arXiv 2509.20317): each group of `width` thoughts that replaced a
+        written step is decoded back into that step by the language model itself, the group as a prefix and the
+        step's tokens teacher-forced; the mean cross-entropy over the step tokens. Nothing of it runs at inference.
+
+        `thoughts` are the latent positions' input embeddings row by row (N x D), `per_row` how many each row
+        has, `step_ids` B x G x L: row b's group g (its thoughts g*width .. g*width+width-1) replaced the step
+        whose tokens are step_ids[b, g], -100 after the step's end and for groups that replaced no step.
+        """
+        first = torch.tensor([0, *per_row[:-1]], device=thoughts.device).cumsum(0)  # each row's first thought
+        row, group = torch.nonzero(step_ids[:, :, 0] != -100, as_tuple=True)
+        scale = 1.0
+        if row.numel() == 0:
+            # still one decoder call, on a dummy group weighted 0: every rank must make the same calls (FSDP2
+            # gathers each layer's weights per call) and DDP expects a gradient for every parameter
+            prefix = thoughts.new_zeros(1, width, thoughts.shape[-1])
+            target, scale = step_ids.new_zeros(1, 1), 0.0
+        else:
+            index = (first[row] + group * width)[:, None] + torch.arange(width, device=thoughts.device)
+            prefix, target = thoughts[index], step_ids[row, group]  # N x width x D, N x L
+        steps = self.base.get_input_embeddings()(target.clamp(min=0)).to(prefix.dtype)
+        mask = target != -100
+        keep = torch.cat([mask.new_ones(mask.shape[0], width), mask], 1).long()
+        hidden = self.decoder(inputs_embeds=torch.cat([prefix, steps], 1), attention_mask=keep, use_cache=False)
+        # column width-1+t predicts step token t
+        logits = self.base.get_output_embeddings()(hidden.last_hidden_state[:, width - 1 : -1][mask])
+        return scale * F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[mask])
 
     @torch.no_grad()
     def generate(
@@ -225,6 +297,7 @@ class Coconut(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         max_new_tokens: int = 64,
+        thoughts: str = "model",
     ) -> torch.Tensor:
         """Greedy decoding with a KV cache; latents in the (left-padded) prompt are filled as in `forward`.
 
@@ -234,7 +307,7 @@ class Coconut(nn.Module):
         """
         position_ids = positions_from_mask(attention_mask)
         width = input_ids.shape[1] + max_new_tokens
-        hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids, width)
+        hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids, width, thoughts)
         head, embedding = self.base.get_output_embeddings(), self.base.get_input_embeddings()
         next_pos = position_ids[:, -1:] + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -257,6 +330,28 @@ class Coconut(nn.Module):
             hidden = out.last_hidden_state
             next_pos = next_pos + 1
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+class ThoughtProjection(nn.Module):
+    """The `projected` feedback: Linear-GELU-Linear-LayerNorm from hidden space into embedding space, as CODI
+    (arXiv 2502.21074) feeds its thoughts back. Trained with the model, saved beside it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden)
+
+
+def _control(thought: torch.Tensor, kind: str) -> torch.Tensor:
+    """The thought, or what replaces it at inference: noise of its norm, or zeros ("pause" never gets here)."""
+    if kind == "noise":
+        noise = torch.randn_like(thought)
+        return noise * (thought.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True))
+    if kind == "zeros":
+        return torch.zeros_like(thought)
+    return thought
 
 
 class WriteOnceLayer(DynamicLayer):

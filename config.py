@@ -20,6 +20,9 @@ import yaml
 
 from utils import UserError
 
+# how a thought's input embedding is made from the hidden state before it (coconut.Coconut.feed_back)
+THOUGHT_FEEDBACK = ("hidden", "rescaled", "projected", "none")
+
 
 @dataclass
 class Config:
@@ -59,6 +62,8 @@ class Config:
     epochs_per_stage: int = 1  # epochs each curriculum stage trains
     pad_latent_to_max: bool = False  # give every record the stage's full latents, even with fewer steps
     uniform_prob: float = 0.0  # chance that a training item takes a stage drawn uniformly from 0..its steps
+    thought_feedback: str = "hidden"  # a thought's input: hidden (the paper), rescaled, projected, none (pause)
+    thought_loss_weight: float = 0.0  # step supervision: weight of decoding each thought group into its step
     # optimisation
     num_epochs: int = 10  # length of the whole run; the stages follow from epochs_per_stage
     batch_size_training: int = 8  # micro-batch per rank
@@ -207,6 +212,8 @@ def _parse_value(text: str, key: str, where: str) -> Any:
 # What the training loop reads per stage; every other key (data layout, evaluation, modes) holds for the whole run.
 STAGE_KEYS = (
     "epochs_per_stage",
+    "uniform_prob",
+    "thought_loss_weight",
     "lr",
     "weight_decay",
     "warmup_steps",
@@ -261,6 +268,7 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "lr_schedule": ("constant", "cosine"),
         "report_to": ("none", "wandb", "tensorboard"),
         "too_long": ("error", "skip"),
+        "thought_feedback": THOUGHT_FEEDBACK,
     }
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
@@ -290,6 +298,7 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "num_workers",
         "max_length",
         "image_cache_mb",
+        "thought_loss_weight",
     )
     for key in not_negative:
         if getattr(config, key) < 0:

@@ -79,17 +79,19 @@ class CoconutDataset(torch.utils.data.Dataset):
     """Records tokenised once, served at the stage set by `set_stage`.
 
     An item is the full training sequence with labels (-100 on image, question, markers and latents); the view
-    returned by `prompts()` serves evaluation prompts instead (up to and including the latents). Only a
-    `mix_stages` dataset (the training set) draws items' stages with uniform_prob: validation stays at the epoch's
-    stage, so its loss is measured where the stage table lists it.
+    returned by `prompts()` serves evaluation prompts instead (up to and including the latents). Only the
+    `training` set draws items' stages with uniform_prob (validation stays at the epoch's stage, so its loss is
+    measured where the stage table lists it) and, with thought_loss_weight, carries each item's `step_ids`: the
+    tokens of the step each group of c_thought latents replaced, for `Coconut.step_loss`.
     """
 
-    def __init__(self, records: list[dict], encoding: Encoding, source: str, mix_stages: bool = False) -> None:
+    def __init__(self, records: list[dict], encoding: Encoding, source: str, training: bool = False) -> None:
         """`records` in the record format (records.py; a question to answer needs only question and image);
         `source` is the file they come from: messages name a record by it, and relative image paths start at its
         folder unless image_root is set."""
-        self.records, self.encoding, self.source, self.mix_stages = records, encoding, source, mix_stages
+        self.records, self.encoding, self.source, self.training = records, encoding, source, training
         self.config, self.for_generation = encoding.config, False
+        self.stage_config = self.config  # the config in force at the stage served (stage_overrides applied)
         self.positions = list(range(len(records)))  # each record's place in the file, kept when some are skipped
         tokenizer = encoding.tokenizer
         self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
@@ -100,9 +102,9 @@ class CoconutDataset(torch.utils.data.Dataset):
         self.stage, self.epoch = 0, 0
 
     @classmethod
-    def from_file(cls, path: str, encoding: Encoding, mix_stages: bool = False) -> CoconutDataset:
+    def from_file(cls, path: str, encoding: Encoding, training: bool = False) -> CoconutDataset:
         """The records of a file, checked (`records.load_records`), as a dataset."""
-        return cls(load_records(path), encoding, path, mix_stages)
+        return cls(load_records(path), encoding, path, training)
 
     def _where(self, index: int) -> str:
         return record_name(self.source, self.positions[index], self.records[index])
@@ -142,18 +144,21 @@ class CoconutDataset(torch.utils.data.Dataset):
         view.for_generation = True
         return view
 
-    def set_stage(self, stage: int, epoch: int = 0) -> None:
-        """Serve curriculum `stage` (the trainer reads it from the run's Schedule); `epoch` seeds uniform_prob's
-        draws, so with uniform_prob each item's stage is redrawn per epoch."""
+    def set_stage(self, stage: int, epoch: int = 0, stage_config: Config | None = None) -> None:
+        """Serve curriculum `stage` (the trainer reads it from the run's Schedule) under `stage_config`, the config
+        in force there (default: the dataset's own), whose uniform_prob and thought_loss_weight the training set
+        follows; `epoch` seeds uniform_prob's draws, so each item's stage is redrawn per epoch."""
         self.stage, self.epoch = stage, epoch
+        self.stage_config = stage_config or self.config
 
     def item_stage(self, index: int) -> int:
         """The stage of item `index` this epoch: the epoch's stage, or with probability uniform_prob a stage
         drawn uniformly from 0..steps (seeded by seed, epoch and index, so any worker order gives the same)."""
-        if not self.mix_stages or self.for_generation or not self.config.coconut or self.config.uniform_prob == 0:
+        mix = self.stage_config.uniform_prob
+        if not self.training or self.for_generation or not self.config.coconut or mix == 0:
             return self.stage
         rng = np.random.default_rng([self.config.seed, self.epoch, index])
-        if rng.random() < self.config.uniform_prob:
+        if rng.random() < mix:
             return int(rng.integers(0, len(self.tokens[index].steps) + 1))
         return self.stage
 
@@ -187,7 +192,12 @@ class CoconutDataset(torch.utils.data.Dataset):
         if self.for_generation:
             return item | {"input_ids": prompt}
         target = [t for step in tokens.steps[removed:] for t in step] + tokens.answer
-        return item | {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+        item |= {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+        if self.training and self.config.coconut and self.stage_config.thought_loss_weight > 0:
+            # group g of c_thought latents stands for written step g (none past the steps the stage removed)
+            groups = n_latents // self.config.c_thought
+            item["step_ids"] = [tokens.steps[g] if g < removed else [] for g in range(groups)]
+        return item
 
 
 def collate(batch: list[dict], pad_id: int, latent_id: int) -> dict:
@@ -221,6 +231,20 @@ def collate(batch: list[dict], pad_id: int, latent_id: int) -> dict:
     }
     if "labels" in batch[0]:
         out["labels"] = labels
+    if "step_ids" in batch[0]:
+        out["step_ids"] = _pad_steps([item["step_ids"] for item in batch])
+    return out
+
+
+def _pad_steps(rows: list[list[list[int]]]) -> torch.Tensor:
+    """Each row's step token lists as one B x G x L tensor, -100 after each step and for missing groups (at least
+    1 x 1, so a batch without thoughts still carries the key every rank's forward expects)."""
+    groups = max(1, *map(len, rows))
+    length = max([1] + [len(step) for row in rows for step in row])
+    out = torch.full((len(rows), groups, length), -100, dtype=torch.long)
+    for r, row in enumerate(rows):
+        for g, step in enumerate(row):
+            out[r, g, : len(step)] = torch.tensor(step, dtype=torch.long)
     return out
 
 

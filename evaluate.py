@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,9 +18,32 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from coconut import THOUGHT_CONTROLS
 from dataset import CoconutDataset, collate, to_device
 from distributed import Job, gather_objects, is_distributed, unwrap
 from scoring import accuracy_report, extract_answer, is_correct
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What inference replaces to see what the answers depend on: every image tile by zeros (`blank_images`), and
+    every continuous thought by a control of `coconut.THOUGHT_CONTROLS` ("model" keeps the model's thoughts)."""
+
+    blank_images: bool = False
+    thoughts: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.thoughts not in THOUGHT_CONTROLS:
+            raise ValueError(f"thoughts must be one of {THOUGHT_CONTROLS}, got {self.thoughts!r}")
+
+    @property
+    def label(self) -> str:
+        """How a comparison names the control: "blank images", "thoughts: noise", ... ("" for none)."""
+        parts = ["blank images"] * self.blank_images + [f"thoughts: {self.thoughts}"] * (self.thoughts != "model")
+        return ", ".join(parts)
+
+
+NO_CONTROLS = Controls()
 
 
 def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
@@ -56,24 +80,24 @@ def validation_loss(model: nn.Module, data: CoconutDataset, job: Job, batch_size
     return float(total[0] / total[1])
 
 
-def batch_pixels(batch: dict, device: torch.device, blank_images: bool) -> torch.Tensor | None:
+def batch_pixels(batch: dict, device: torch.device, controls: Controls) -> torch.Tensor | None:
     """The batch's tiles on `device`, zeroed with `blank_images` (how much do answers depend on the image?);
     None for a text-only batch."""
     pixel_values = batch["pixel_values"]
     if pixel_values is None:
         return None
-    return (torch.zeros_like(pixel_values) if blank_images else pixel_values).to(device)
+    return (torch.zeros_like(pixel_values) if controls.blank_images else pixel_values).to(device)
 
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, blank_images: bool = False
+    model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, controls: Controls = NO_CONTROLS
 ) -> list[dict]:
     """Greedy answers to every prompt of `data` (a `prompts()` view), each at most max_new_tokens long.
 
     Returns one row per prompt on every rank, in order: its index in `data`, the prediction (the text after the
     answer mark), the generated tokens (up to and including EOS) and the prompt's share of its batch's latency.
-    `blank_images` replaces every tile with zeros, to measure how much the answers depend on the image.
+    `controls` replaces the images or the thoughts, to measure how much the answers depend on them.
     """
     generate, eos = unwrap(model).generate, data.eos_id
     decode = data.encoding.tokenizer.decode
@@ -81,7 +105,7 @@ def generate_answers(
     batches = _batches(data, batch_size, job.dist.rank, job.dist.world_size)
     total = -(-len(shard(len(data), job.dist.rank, job.dist.world_size)) // batch_size)
     for chunk, batch in tqdm(batches, total=total, desc="generate", disable=not job.is_main, leave=False):
-        pixel_values = batch_pixels(batch, job.device, blank_images)
+        pixel_values = batch_pixels(batch, job.device, controls)
         start = time.perf_counter()
         with job.autocast():
             out = generate(
@@ -89,6 +113,7 @@ def generate_answers(
                 batch["attention_mask"].to(job.device),
                 pixel_values=pixel_values,
                 max_new_tokens=data.config.max_new_tokens,
+                thoughts=controls.thoughts,
             )
         new = out[:, batch["input_ids"].shape[1] :].tolist()  # waits for the device, so the latency is whole
         latency = (time.perf_counter() - start) / len(out)
@@ -103,12 +128,12 @@ def generate_answers(
 
 
 def generate_and_score(
-    model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, blank_images: bool = False
+    model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, controls: Controls = NO_CONTROLS
 ) -> list[dict]:
     """`generate_answers` scored against the records: one row per example on every rank, in order of the records'
     places in their file: index (that place), id, prediction, answer, correct, gen_tokens, latency_s, meta."""
     rows = []
-    for generated in generate_answers(model, data, job, batch_size, blank_images):
+    for generated in generate_answers(model, data, job, batch_size, controls):
         record, position = data.records[generated["index"]], data.positions[generated["index"]]
         prediction = generated["prediction"]
         rows.append(

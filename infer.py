@@ -2,12 +2,14 @@
 comparison of methods on one test set.
 
     python infer.py FOLDER --image IMG --question "start 2,1; 3 moves" [--stage K] [--probe 5]
-    python infer.py FOLDER --records test.jsonl [--out FOLDER] [--probe 5] [--blank-images]
-    python infer.py compare no_cot=A cot=B coconut=C --records test.jsonl [--blank coconut]
+    python infer.py FOLDER --records test.jsonl [--out FOLDER] [--probe 5] [--blank-images] [--thoughts noise]
+    python infer.py compare no_cot=A cot=B coconut=C --records test.jsonl [--blank coconut] [--controls coconut]
 
 The mode (coconut, cot, no_cot) and the prompt format come from the folder's coconut.json, the number of thoughts
 from its stage unless `--stage` sets another. `--probe K` decodes every continuous thought through the language
-model head, as the Coconut paper does, and reports its top-K tokens.
+model head, as the Coconut paper does, and reports its top-K tokens. `--thoughts noise|zeros|pause` replaces every
+continuous thought by Gaussian noise of its norm, zeros, or the `<|latent|>` embedding: a thought that carries
+information costs accuracy when replaced.
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 import report
-from coconut import Coconut
+from checkpoint import PROJECTION_FILE
+from coconut import THOUGHT_CONTROLS, Coconut
 from config import Config
 from dataset import CoconutDataset, collate
 from distributed import Job, autocast_context, dist_info
-from evaluate import batch_pixels, generate_and_score, generate_answers, summarize, write_evaluation
+from evaluate import (
+    NO_CONTROLS,
+    Controls,
+    batch_pixels,
+    generate_and_score,
+    generate_answers,
+    summarize,
+    write_evaluation,
+)
 from models import build_model, encoding_for
 from records import load_records
 from scoring import format_report
@@ -69,6 +80,8 @@ def load_exported(folder: str, device: torch.device) -> Exported:
         config, stage = Config(**values), int(run["stage"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{run_file}: not a coconut.json written by run.py ({err})") from None
+    if config.thought_feedback == "projected" and not (path / PROJECTION_FILE).is_file():
+        raise UserError(f"{folder}: a projected model without {PROJECTION_FILE}; export the model again")
     model, tokenizer = build_model(dataclasses.replace(config, load_model_path=folder))
     # unwrapped here, so `bf16` means autocast (training under FSDP2 cast through its policy instead)
     job = Job(dist_info(), device, autocast_context(dataclasses.replace(config, use_fsdp=False), device))
@@ -97,7 +110,7 @@ def prompts_of(
 
 
 @torch.no_grad()
-def _warm_up(exported: Exported, prompts: CoconutDataset, blank_images: bool) -> None:
+def _warm_up(exported: Exported, prompts: CoconutDataset, controls: Controls) -> None:
     """One untimed generation: it keeps one-time start-up work (CUDA kernels, allocator) out of the first batch's
     latency, so that methods evaluated one after another are timed alike."""
     device = exported.job.device
@@ -106,20 +119,23 @@ def _warm_up(exported: Exported, prompts: CoconutDataset, blank_images: bool) ->
         exported.model.generate(
             first["input_ids"].to(device),
             first["attention_mask"].to(device),
-            pixel_values=batch_pixels(first, device, blank_images),
+            pixel_values=batch_pixels(first, device, controls),
             max_new_tokens=1,
+            thoughts=controls.thoughts,
         )
 
 
-def answer(exported: Exported, prompts: CoconutDataset, batch_size: int, blank_images: bool = False) -> list[dict]:
+def answer(
+    exported: Exported, prompts: CoconutDataset, batch_size: int, controls: Controls = NO_CONTROLS
+) -> list[dict]:
     """`evaluate.generate_and_score` rows for every prompt, timed after a warm-up."""
-    _warm_up(exported, prompts, blank_images)
-    return generate_and_score(exported.model, prompts, exported.job, batch_size, blank_images)
+    _warm_up(exported, prompts, controls)
+    return generate_and_score(exported.model, prompts, exported.job, batch_size, controls)
 
 
 @torch.no_grad()
 def probe_thoughts(
-    exported: Exported, prompts: CoconutDataset, k: int, batch_size: int, blank_images: bool = False
+    exported: Exported, prompts: CoconutDataset, k: int, batch_size: int, controls: Controls = NO_CONTROLS
 ) -> list[list[list[dict]]]:
     """Per prompt, per continuous thought in order: the top-k tokens the thought decodes to through the language
     model head, as [{"token", "id", "prob"}], most probable first.
@@ -137,7 +153,10 @@ def probe_thoughts(
         latent = input_ids == prompts.latent_id
         with exported.job.autocast():
             embeds = exported.model(
-                input_ids, batch["attention_mask"].to(device), pixel_values=batch_pixels(batch, device, blank_images)
+                input_ids,
+                batch["attention_mask"].to(device),
+                pixel_values=batch_pixels(batch, device, controls),
+                thoughts=controls.thoughts,
             ).inputs_embeds
             # float before the softmax: bf16 probabilities over a large vocabulary round badly
             top = head(embeds[latent]).float().softmax(-1).topk(k)
@@ -165,7 +184,7 @@ def format_summary(result: dict) -> str:
 
 
 def ask(
-    exported: Exported, image: str | None, question: str, stage: int, probe: int, blank_images: bool = False
+    exported: Exported, image: str | None, question: str, stage: int, probe: int, controls: Controls = NO_CONTROLS
 ) -> tuple[dict, list[list[dict]]]:
     """Answer one question (about one image, or text only); returns its `evaluate.generate_answers` row and the
     thoughts' probes (empty without `probe`)."""
@@ -174,37 +193,41 @@ def ask(
     # a question has no written steps to count thoughts by: pad_latents gives it the stage's full number
     record = {"image": str(Path(image).resolve()) if image else None, "question": question}
     prompts = prompts_of(exported, [record], "--question", stage, pad_latents=True)
-    _warm_up(exported, prompts, blank_images)
-    row = generate_answers(exported.model, prompts, exported.job, 1, blank_images)[0]
-    thoughts = probe_thoughts(exported, prompts, probe, 1, blank_images)[0] if probe else []
+    _warm_up(exported, prompts, controls)
+    row = generate_answers(exported.model, prompts, exported.job, 1, controls)[0]
+    thoughts = probe_thoughts(exported, prompts, probe, 1, controls)[0] if probe else []
     return row, thoughts
 
 
 def predict_records(
-    exported: Exported, records: str, stage: int, batch_size: int, probe: int, blank_images: bool = False
+    exported: Exported, records: str, stage: int, batch_size: int, probe: int, controls: Controls = NO_CONTROLS
 ) -> list[dict]:
     """Answer rows for every record of a file; with `probe`, each row also holds its thoughts' top tokens."""
     prompts = open_prompts(exported, records, stage)
-    rows = answer(exported, prompts, batch_size, blank_images)
+    rows = answer(exported, prompts, batch_size, controls)
     if probe:
-        for row, thoughts in zip(rows, probe_thoughts(exported, prompts, probe, batch_size, blank_images)):
+        for row, thoughts in zip(rows, probe_thoughts(exported, prompts, probe, batch_size, controls)):
             row["thoughts"] = thoughts
     return rows
 
 
 def compare(
-    methods: dict[str, str], records: str, blank: list[str], batch_size: int | None, device: torch.device
+    methods: dict[str, str],
+    records: str,
+    controls: dict[str, list[Controls]],
+    batch_size: int | None,
+    device: torch.device,
 ) -> list[dict]:
     """Evaluate each exported folder (at its own mode and stage) on the same records, one row per method, plus a
-    row with blank images for each name in `blank`: method, mode, stage, accuracy, gen_tokens, latency_ms, n."""
+    row for each of the method's `controls`: method, mode, stage, accuracy, gen_tokens, latency_ms, n."""
     rows = []
     for name, folder in methods.items():
         exported = load_exported(folder, device)
         prompts = open_prompts(exported, records, exported.stage)
         size = batch_size or exported.config.eval_batch_size
-        runs = [(name, False)] + ([(f"{name} (blank images)", True)] if name in blank else [])
-        for method, blank_images in runs:
-            result = summarize(answer(exported, prompts, size, blank_images))
+        runs = [(name, NO_CONTROLS)] + [(f"{name} ({c.label})", c) for c in controls.get(name, [])]
+        for method, control in runs:
+            result = summarize(answer(exported, prompts, size, control))
             rows.append(
                 {
                     "method": method,
@@ -220,8 +243,9 @@ def compare(
     return rows
 
 
-def _parse_methods(pairs: list[str], blank: list[str]) -> dict[str, str]:
-    """NAME=FOLDER arguments as {name: folder}; a malformed pair, a repeated name or an unknown --blank name stops."""
+def _parse_methods(pairs: list[str], blank: list[str], controlled: list[str]) -> dict[str, str]:
+    """NAME=FOLDER arguments as {name: folder}; a malformed pair, a repeated name or an unknown --blank or
+    --controls name stops."""
     methods = {}
     for pair in pairs:
         name, sep, folder = pair.partition("=")
@@ -230,9 +254,10 @@ def _parse_methods(pairs: list[str], blank: list[str]) -> dict[str, str]:
         if name in methods:
             raise UserError(f"compare: method name '{name}' is given twice")
         methods[name] = folder
-    unknown = [name for name in blank if name not in methods]
-    if unknown:
-        raise UserError(f"compare: --blank {unknown[0]} names no method; choose from {', '.join(methods)}")
+    for option, names in (("--blank", blank), ("--controls", controlled)):
+        unknown = [name for name in names if name not in methods]
+        if unknown:
+            raise UserError(f"compare: {option} {unknown[0]} names no method; choose from {', '.join(methods)}")
     return methods
 
 
@@ -267,6 +292,9 @@ def answer_main(argv: list[str]) -> None:
     )
     parser.add_argument("--probe", type=_at_least(0), default=0, metavar="K", help="show each thought's top-K tokens")
     parser.add_argument("--blank-images", action="store_true", help="replace every image tile with zeros")
+    parser.add_argument(
+        "--thoughts", choices=THOUGHT_CONTROLS, default="model", help="replace every continuous thought (a control)"
+    )
     parser.add_argument("--out", help="folder for eval.json and predictions.jsonl; default: <records>.eval/")
     _common_arguments(parser)
     args = parser.parse_args(argv)
@@ -276,13 +304,15 @@ def answer_main(argv: list[str]) -> None:
     stage = exported.stage if args.stage is None else args.stage
     print(f"{args.folder}: {exported.mode}, stage {stage}", file=sys.stderr)
     if args.question is not None:
-        row, thoughts = ask(exported, args.image, args.question, stage, args.probe, args.blank_images)
+        controls = Controls(args.blank_images, args.thoughts)
+        row, thoughts = ask(exported, args.image, args.question, stage, args.probe, controls)
         print(f"answer: {row['prediction']}  ({row['gen_tokens']} tokens, {1000 * row['latency_s']:.0f} ms)")
         for n, tokens in enumerate(thoughts, 1):
             print(format_thought(n, tokens))
         return
     batch_size = args.batch_size or exported.config.eval_batch_size
-    rows = predict_records(exported, args.records, stage, batch_size, args.probe, args.blank_images)
+    controls = Controls(args.blank_images, args.thoughts)
+    rows = predict_records(exported, args.records, stage, batch_size, args.probe, controls)
     out = Path(args.out or Path(args.records).with_suffix(".eval"))
     result = write_evaluation(out, rows, stage, args.records)
     print(format_summary(result))
@@ -292,16 +322,26 @@ def answer_main(argv: list[str]) -> None:
 
 
 def compare_main(argv: list[str]) -> None:
-    """`python infer.py compare NAME=FOLDER ... --records FILE [--blank NAME]`: the table, compare.json, the plot."""
+    """`python infer.py compare NAME=FOLDER ... --records FILE [--blank NAME] [--controls NAME]`: the table,
+    compare.json, the plot."""
     parser = argparse.ArgumentParser(prog="infer.py compare", description="Compare exported models on one test set.")
     parser.add_argument("methods", nargs="+", metavar="NAME=FOLDER")
     parser.add_argument("--records", required=True, help="the records file every method answers")
     parser.add_argument("--blank", action="append", default=[], metavar="NAME", help="also run NAME on blank images")
+    parser.add_argument(
+        "--controls", action="append", default=[], metavar="NAME",
+        help="also run NAME with its thoughts replaced by noise, zeros and the latent token (pause)",
+    )  # fmt: skip
     parser.add_argument("--out", help="folder for compare.json and compare.png; default: the records' folder")
     _common_arguments(parser)
     args = parser.parse_args(argv)
-    methods = _parse_methods(args.methods, args.blank)
-    rows = compare(methods, args.records, args.blank, args.batch_size, torch.device(args.device))
+    methods = _parse_methods(args.methods, args.blank, args.controls)
+    controls = {name: [] for name in methods}
+    for name in args.blank:
+        controls[name].append(Controls(blank_images=True))
+    for name in args.controls:
+        controls[name] += [Controls(thoughts=kind) for kind in THOUGHT_CONTROLS if kind != "model"]
+    rows = compare(methods, args.records, controls, args.batch_size, torch.device(args.device))
     out = Path(args.out or Path(args.records).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps({"records": args.records, "methods": rows}, indent=2))

@@ -106,16 +106,20 @@ def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
 
 
 def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
-    """The base model (or the checkpoint to start from) wrapped in Coconut, and its tokenizer."""
+    """The base model (or the checkpoint to start from) wrapped in Coconut with the config's thought feedback, and
+    its tokenizer. A `projected` model starting from a model without a projection (a CoT model) gets a new one."""
     start_from = config.load_model_path
     if start_from != "none" and not Path(start_from).exists():
         raise UserError(f"config: load_model_path {start_from} does not exist; train stage 0 first or fix the path")
     folder = start_from if start_from != "none" and Path(start_from).is_dir() else config.model_id
     dtype = torch.bfloat16 if config.bf16_weights else torch.float32
     base, tokenizer = load_base(folder, config.latent_init, dtype, config.attn_implementation or None)
-    model = Coconut(base, tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2]), tokenizer.eos_token_id)
+    latent_id = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
+    model = Coconut(base, latent_id, tokenizer.eos_token_id, config.thought_feedback)
     if start_from != "none" and Path(start_from).is_file():
         checkpoint.load_model_weights(start_from, model)
+    elif start_from != "none":
+        checkpoint.load_projection(Path(start_from), model)
     return model, tokenizer
 
 

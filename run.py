@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluate_only(config, job, model, tokenizer)
         else:
             encoding = encoding_for(model.base, tokenizer, config)
-            train_data = CoconutDataset.from_file(config.train_path, encoding, mix_stages=True)
+            train_data = CoconutDataset.from_file(config.train_path, encoding, training=True)
             data = (train_data, CoconutDataset.from_file(config.val_path, encoding))
             job.folder.mkdir(parents=True, exist_ok=True)
             trainer.train(config, job, parallelize(model, config, device), tokenizer, data)

@@ -48,6 +48,7 @@ class Progress:
     step: int = 0  # optimizer steps since the last optimizer reset (drives the schedule)
     best: float = -1.0  # best validation accuracy so far
     losses: list[float] = field(default_factory=list)  # this epoch's micro-batch losses so far
+    thought_losses: list[float] = field(default_factory=list)  # and their step-supervision losses, when trained
     samples: int = 0  # this epoch's samples so far on this rank
     bad_steps: int = 0  # non-finite steps in a row
 
@@ -112,13 +113,15 @@ def train(
             optimizer = make_optimizer(model, schedule.stage_config(epoch))
             progress.step = 0
         for dataset in (train_data, val_data, val_prompts):
-            dataset.set_stage(stage, epoch)
+            dataset.set_stage(stage, epoch, schedule.stage_config(epoch))
         progress.epoch = epoch
         start, samples_before = time.perf_counter(), progress.samples  # a resumed epoch counts from here
         if not train_epoch(model, optimizer, train_data, schedule, progress, job, stop):
             _stopped(checkpoint.save_checkpoint(job.folder, progress, model, optimizer), job)
         samples_per_s = (progress.samples - samples_before) * job.dist.world_size / (time.perf_counter() - start)
         metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, job.device)}
+        if progress.thought_losses:
+            metrics["thought_loss"] = _mean_across_ranks(progress.thought_losses, job.device)
         metrics["val_loss"] = validation_loss(model, val_data, job, config.eval_batch_size)
         result = summarize(generate_and_score(model, val_prompts, job, config.eval_batch_size))
         metrics |= {"val_accuracy": result["accuracy"], "gen_tokens": result["gen_tokens"]}
@@ -128,7 +131,8 @@ def train(
             print(report.format_epoch(metrics))
         improved = result["accuracy"] > progress.best
         progress.best = max(progress.best, result["accuracy"])
-        progress.epoch, progress.micro, progress.losses, progress.samples = epoch + 1, 0, [], 0
+        progress.epoch, progress.micro, progress.samples = epoch + 1, 0, 0
+        progress.losses, progress.thought_losses = [], []
         saved = improved or not config.save_only_improve
         if saved:
             path = checkpoint.save_checkpoint(job.folder, progress, model, optimizer)
@@ -217,9 +221,13 @@ def train_epoch(
         last_micro = progress.micro == group_start + group
         batch = to_device(batch, job.device)
         with _grad_sync(model, last_micro), job.autocast():
-            loss = model(**batch).loss
+            out = model(**batch, thoughts_per_step=config.c_thought)
+            loss = out.loss
+            if out.thought_loss is not None:  # step supervision: the batch carries step_ids
+                loss = loss + config.thought_loss_weight * out.thought_loss
+                progress.thought_losses.append(out.thought_loss.item())
             (loss / group).backward()
-        progress.losses.append(loss.item())
+        progress.losses.append(out.loss.item())
         progress.samples += batch["input_ids"].shape[0]
         if not last_micro:
             continue

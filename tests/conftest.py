@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch.nn.functional as F  # noqa: E402
+
 import demo_data  # noqa: E402
-from coconut import LATENT_TOKENS, Coconut  # noqa: E402
+from coconut import LATENT_TOKENS, Coconut, positions_from_mask  # noqa: E402
 from internvl import image_seq_length  # noqa: E402
 from models import load_base  # noqa: E402
 
@@ -39,11 +41,12 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def make_coconut(base, tokenizer, eos_token_id: int | None = None) -> Coconut:
-    """Wrap `base` with the tokenizer's latent ids."""
+def make_coconut(base, tokenizer, eos_token_id: int | None = None, thought_feedback: str = "hidden") -> Coconut:
+    """Wrap `base` with the tokenizer's latent ids (a `projected` map seeded, in the base's dtype)."""
     latent = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    return Coconut(base, latent, eos)
+    torch.manual_seed(0)
+    return Coconut(base, latent, eos, thought_feedback).to(base.dtype)
 
 
 def image_block(base, tokenizer, n_tiles: int) -> list[int]:
@@ -52,6 +55,70 @@ def image_block(base, tokenizer, n_tiles: int) -> list[int]:
         return []
     ids = tokenizer.convert_tokens_to_ids(["<img>", "<IMG_CONTEXT>", "</img>"])
     return [ids[0]] + [ids[1]] * (n_tiles * image_seq_length(base.config)) + [ids[2]]
+
+
+def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id, feed_back=lambda hidden: hidden):
+    """Recompute the whole sequence once per distinct latent column, without a cache; each latent takes
+    `feed_back` of the final hidden state before it (None: the latent token's own embedding, one plain pass)."""
+    positions = positions_from_mask(attention_mask)
+    embeds = base.get_input_embeddings()(input_ids)
+    latent = input_ids == latent_id
+
+    def run(embeds):
+        out = base.model(
+            inputs_embeds=embeds,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=positions,
+        )
+        return out.last_hidden_state
+
+    if feed_back is None:
+        return base.lm_head(run(embeds))
+    for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):
+        hidden = run(embeds)
+        fill = torch.zeros_like(latent)
+        fill[:, col] = latent[:, col]
+        shifted = feed_back(torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1))  # column j gets the state of j-1
+        embeds = torch.where(fill.unsqueeze(-1), shifted, embeds)
+    return base.lm_head(run(embeds))
+
+
+def shifted_loss(logits, labels):
+    """The cross-entropy of each position's logits against the next label (-100 ignored)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def build_batch(base, tokenizer, rows, pad_left):
+    """rows: (n_tiles, prefix_len, n_latents, suffix_len); random text, padded left or right per row."""
+    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    gen = torch.Generator().manual_seed(1)
+    seqs, tiles = [], 0
+    for n_tiles, prefix, n_latents, suffix in rows:
+        text = lambda n: torch.randint(0, 256, (n,), generator=gen).tolist()  # noqa: E731
+        marked = [start] + [latent] * n_latents + [end] if n_latents else []
+        seqs.append(image_block(base, tokenizer, n_tiles) + text(prefix) + marked + text(suffix))
+        tiles += n_tiles
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (seq, left) in enumerate(zip(seqs, pad_left)):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[i, cols] = torch.tensor(seq)
+        mask[i, cols] = 1
+    size = base.config.vision_config.image_size
+    pixels = torch.randn(tiles, 3, size[0], size[1], generator=gen, dtype=torch.float64) if tiles else None
+    labels = torch.where((mask == 1) & (ids < 256), ids, -100)
+    return ids, mask, pixels, labels
+
+
+LAYOUTS = {
+    "aligned": ([(1, 5, 3, 6), (1, 5, 3, 6)], [False, False]),
+    "misaligned_right_pad": ([(1, 3, 2, 8), (0, 9, 4, 2), (2, 4, 1, 5)], [False, False, False]),
+    "misaligned_left_pad": ([(1, 3, 2, 8), (0, 9, 4, 2), (0, 2, 0, 4)], [True, True, True]),
+    "mixed_padding_text_only": ([(0, 3, 3, 4), (0, 7, 1, 2), (0, 5, 0, 6)], [True, False, True]),
+    "no_latents_several_tiles": ([(2, 4, 0, 5), (1, 6, 0, 3)], [True, False]),
+}
 
 
 def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int = 0, wait: bool = True, status: int = 0):

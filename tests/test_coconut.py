@@ -9,70 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import image_block, make_coconut
+from conftest import LAYOUTS, build_batch, image_block, make_coconut, reference_logits, shifted_loss
 
-from coconut import LATENT_TOKENS, positions_from_mask
-
-
-def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id):
-    """Recompute the whole sequence once per distinct latent column, without a cache."""
-    positions = positions_from_mask(attention_mask)
-    embeds = base.get_input_embeddings()(input_ids)
-    latent = input_ids == latent_id
-
-    def run(embeds):
-        out = base.model(
-            inputs_embeds=embeds,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=positions,
-        )
-        return out.last_hidden_state
-
-    for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):
-        hidden = run(embeds)
-        fill = torch.zeros_like(latent)
-        fill[:, col] = latent[:, col]
-        shifted = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)  # column j gets the state of j-1
-        embeds = torch.where(fill.unsqueeze(-1), shifted, embeds)
-    return base.lm_head(run(embeds))
-
-
-def shifted_loss(logits, labels):
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def build_batch(base, tokenizer, rows, pad_left):
-    """rows: (n_tiles, prefix_len, n_latents, suffix_len); random text, padded left or right per row."""
-    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-    gen = torch.Generator().manual_seed(1)
-    seqs, tiles = [], 0
-    for n_tiles, prefix, n_latents, suffix in rows:
-        text = lambda n: torch.randint(0, 256, (n,), generator=gen).tolist()  # noqa: E731
-        marked = [start] + [latent] * n_latents + [end] if n_latents else []
-        seqs.append(image_block(base, tokenizer, n_tiles) + text(prefix) + marked + text(suffix))
-        tiles += n_tiles
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, (seq, left) in enumerate(zip(seqs, pad_left)):
-        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[i, cols] = torch.tensor(seq)
-        mask[i, cols] = 1
-    size = base.config.vision_config.image_size
-    pixels = torch.randn(tiles, 3, size[0], size[1], generator=gen, dtype=torch.float64) if tiles else None
-    labels = torch.where((mask == 1) & (ids < 256), ids, -100)
-    return ids, mask, pixels, labels
-
-
-LAYOUTS = {
-    "aligned": ([(1, 5, 3, 6), (1, 5, 3, 6)], [False, False]),
-    "misaligned_right_pad": ([(1, 3, 2, 8), (0, 9, 4, 2), (2, 4, 1, 5)], [False, False, False]),
-    "misaligned_left_pad": ([(1, 3, 2, 8), (0, 9, 4, 2), (0, 2, 0, 4)], [True, True, True]),
-    "mixed_padding_text_only": ([(0, 3, 3, 4), (0, 7, 1, 2), (0, 5, 0, 6)], [True, False, True]),
-    "no_latents_several_tiles": ([(2, 4, 0, 5), (1, 6, 0, 3)], [True, False]),
-}
+from coconut import positions_from_mask
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

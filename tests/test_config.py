@@ -78,6 +78,9 @@ def test_stage_overrides_apply_from_their_stage_on(tmp_path):
         ("cot: true\n", ["eval_batch_size=0"], "eval_batch_size must be at least 1"),
         ("cot: true\nprompt_template: '{image}Q: {question} {answer}'\n", [], "prompt_template may name only"),
         ("cot: true\n", ["name=[x"], r"command line: the value of 'name' is not valid YAML \('\[x'\); quote it"),
+        ("coconut: true\nthought_feedback: projection\n", [], "thought_feedback must be one of hidden, rescaled"),
+        ("coconut: true\n", ["thought_loss_weight=-1"], "thought_loss_weight must be at least 0"),
+        ("coconut: true\nstage_overrides: {1: {thought_feedback: none}}\n", [], "cannot change 'thought_feedback'"),
     ],
 )  # fmt: skip
 def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, message):
@@ -98,6 +101,6 @@ def test_shipped_configs_load():
         "aokvqa_coconut",
         "demo",
         "demo_no_cot",
-        "demo_long",
+        "demo_paper",
     ):
         assert load_config(f"args/{name}.yaml").model_id

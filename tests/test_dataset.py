@@ -61,11 +61,11 @@ RECORDS = [
 ]
 
 
-def make_dataset(tmp_path, tiny_base, mix_stages=False, **keys):
+def make_dataset(tmp_path, tiny_base, training=False, **keys):
     base, tokenizer = tiny_base
     config = Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2} | keys))
     path = write_data(tmp_path, RECORDS, sizes=((64, 64), (128, 64)))
-    return CoconutDataset.from_file(path, encoding_for(base, tokenizer, config), mix_stages=mix_stages)
+    return CoconutDataset.from_file(path, encoding_for(base, tokenizer, config), training=training)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
 
 
 def test_uniform_prob_is_seeded_and_varies_by_epoch(tmp_path, tiny_base):
-    data = make_dataset(tmp_path, tiny_base, mix_stages=True, uniform_prob=1.0, max_latent_stage=3)
+    data = make_dataset(tmp_path, tiny_base, training=True, uniform_prob=1.0, max_latent_stage=3)
     validation = make_dataset(tmp_path, tiny_base, uniform_prob=1.0, max_latent_stage=3)
     schedule = Schedule.from_config(data.config)
     stages = {}
@@ -136,7 +136,7 @@ def test_uniform_prob_is_seeded_and_varies_by_epoch(tmp_path, tiny_base):
         validation.set_stage(schedule.stage(epoch), epoch)
         assert [validation.item_stage(i) for i in range(3)] == [validation.stage] * 3  # only training mixes
     assert len({s[0] for s in stages.values()}) > 1
-    again = make_dataset(tmp_path, tiny_base, mix_stages=True, uniform_prob=1.0, max_latent_stage=3)
+    again = make_dataset(tmp_path, tiny_base, training=True, uniform_prob=1.0, max_latent_stage=3)
     again.set_stage(schedule.stage(4), 4)
     assert again.item_stage(0) == stages[4][0]
 
@@ -290,3 +290,36 @@ def test_a_stage_of_no_epochs_is_skipped_and_resets_the_optimizer_once():
     schedule = Schedule.from_config(config)
     assert schedule.stages == (1, 1, 2, 2)
     assert [e for e in range(4) if schedule.resets_optimizer(e)] == [2]
+
+
+def test_training_items_carry_the_steps_their_thought_groups_replaced(tmp_path, tiny_base):
+    base, tokenizer = tiny_base
+    data = make_dataset(tmp_path, tiny_base, training=True, thought_loss_weight=1.0)
+    data.set_stage(2)
+    # c_thought 2, stage 2: record a's four latents stand for s1 and s2; record b has one step and two latents
+    assert [tokenizer.decode(step) for step in data[0]["step_ids"]] == ["s1\n", "s2\n"]
+    assert [tokenizer.decode(step) for step in data[1]["step_ids"]] == ["t1\n"]
+    latent = tokenizer.convert_tokens_to_ids("<|latent|>")
+    batch = collate([data[i] for i in range(3)], tokenizer.pad_token_id, latent)
+    assert batch["step_ids"].shape == (3, 2, 3)
+    assert batch["step_ids"][1, 1].tolist() == [-100] * 3  # record b's second group replaced no step
+    data.set_stage(0)
+    assert collate([data[0]], tokenizer.pad_token_id, latent)["step_ids"].tolist() == [[[-100]]]
+    validation = make_dataset(tmp_path, tiny_base, thought_loss_weight=1.0)
+    validation.set_stage(2)
+    assert "step_ids" not in validation[0]
+    unsupervised = make_dataset(tmp_path, tiny_base, training=True)
+    unsupervised.set_stage(2)
+    assert "step_ids" not in unsupervised[0]
+
+
+def test_uniform_prob_and_step_supervision_follow_the_stage_config(tmp_path, tiny_base):
+    data = make_dataset(tmp_path, tiny_base, training=True, max_latent_stage=3)
+    config = Config(coconut=True, c_thought=2, max_latent_stage=3, stage_overrides={1: {"uniform_prob": 1.0}})
+    data.set_stage(0, 3, config.for_stage(0))
+    assert data.item_stage(0) == 0  # stage 0 keeps uniform_prob 0: CoT is not mixed
+    draws = set()
+    for epoch in range(8):
+        data.set_stage(1, epoch, config.for_stage(1))
+        draws.add(data.item_stage(0))
+    assert len(draws) > 1

@@ -19,8 +19,9 @@ from checkpoint import export_pretrained
 from config import Config
 from dataset import CoconutDataset
 from distributed import DistInfo, Job
-from evaluate import generate_and_score
+from evaluate import Controls, generate_and_score
 from models import encoding_for, load_base
+from utils import UserError
 
 SETTINGS = {"max_new_tokens": 8, "max_num_tiles": 1, "eval_batch_size": 4}
 COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)
@@ -28,14 +29,18 @@ COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Two exported random tiny models (coconut at stage 2, cot), a folder without weights and six demo records."""
+    """Three exported random tiny models (coconut and projected-feedback coconut at stage 2, cot), a folder
+    without weights and six demo records."""
     root = tmp_path_factory.mktemp("infer")
     demo_data.generate(str(root / "data"), sizes={"test": 6})
-    for name, config, stage in (("coconut", COCONUT, 2), ("cot", Config(cot=True, **SETTINGS), 0)):
+    projected = dataclasses.replace(COCONUT, thought_feedback="projected")
+    models = (("coconut", COCONUT, 2), ("cot", Config(cot=True, **SETTINGS), 0), ("projected", projected, 2))
+    for name, config, stage in models:
         torch.manual_seed(0)
         base, tokenizer = load_base("tiny")
         run = {"config": dataclasses.asdict(config), "stage": stage}
-        export_pretrained(make_coconut(base, tokenizer), tokenizer, root / name, run)
+        model = make_coconut(base, tokenizer, thought_feedback=config.thought_feedback)
+        export_pretrained(model, tokenizer, root / name, run)
     (root / "no_weights").mkdir()
     (root / "no_weights" / "coconut.json").write_text((root / "coconut" / "coconut.json").read_text())
     return root
@@ -118,7 +123,7 @@ def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought)
             assert [tokens[0]["id"] for tokens in thoughts] == probs.argmax(-1).tolist()
             top = torch.tensor([[t["prob"] for t in tokens] for tokens in thoughts])
             torch.testing.assert_close(top, probs.topk(5).values, rtol=1e-4, atol=1e-6)
-    blank = infer.probe_thoughts(model, prompts, 5, 4, blank_images=True)
+    blank = infer.probe_thoughts(model, prompts, 5, 4, Controls(blank_images=True))
     assert blank[0][0][0]["prob"] != probes[0][0][0]["prob"]  # the thoughts read the image
 
 
@@ -154,3 +159,41 @@ def test_user_errors_stop_with_one_line(exported, capsys, args, message):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_compare_runs_the_thought_controls(exported, tmp_path, capsys):
+    records = str(exported / "data" / "test.jsonl")
+    infer.main(["compare", f"coconut={exported / 'coconut'}", "--records", records, "--controls", "coconut",
+                "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "compare.json").read_text())["methods"]
+    names = ["coconut", "coconut (thoughts: noise)", "coconut (thoughts: zeros)", "coconut (thoughts: pause)"]
+    assert [r["method"] for r in rows] == names
+
+
+@pytest.mark.parametrize("control", ["noise", "zeros", "pause"])
+def test_records_with_a_thought_control_change_what_the_model_is_fed(exported, tmp_path, control):
+    model = infer.load_exported(str(exported / "coconut"), torch.device("cpu"))
+    prompts = infer.open_prompts(model, str(exported / "data" / "test.jsonl"), 2)
+    own = infer.probe_thoughts(model, prompts, 3, 6)
+    replaced = infer.probe_thoughts(model, prompts, 3, 6, Controls(thoughts=control))
+    assert own != replaced  # what sits at the latent positions is no longer the model's thought
+    infer.main([str(exported / "coconut"), "--records", str(exported / "data" / "test.jsonl"), "--thoughts", control,
+                "--out", str(tmp_path)])  # fmt: skip
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 6
+
+
+def test_a_projected_export_loads_its_projection(exported, tmp_path):
+    model = infer.load_exported(str(exported / "projected"), torch.device("cpu"))
+    torch.manual_seed(0)
+    base, tokenizer = load_base("tiny")
+    original = make_coconut(base, tokenizer, thought_feedback="projected")
+    for (name, value), (_, loaded) in zip(original.projection.state_dict().items(),
+                                          model.model.projection.state_dict().items()):  # fmt: skip
+        torch.testing.assert_close(loaded, value, rtol=0, atol=0, msg=name)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in (exported / "projected").iterdir():
+        if file.name != "thought_projection.safetensors":
+            (broken / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(UserError, match="without thought_projection.safetensors"):
+        infer.load_exported(str(broken), torch.device("cpu"))

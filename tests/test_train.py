@@ -54,6 +54,22 @@ def test_curriculum_metrics_and_export(tmp_path, data_dir):
         torch.testing.assert_close(exported[name.removeprefix("base.")], value, rtol=0, atol=0)
 
 
+def test_step_supervision_and_a_projection_train_export_and_load(tmp_path, data_dir):
+    extra = ["thought_feedback=projected", "thought_loss_weight=1", "stage_overrides={1: {uniform_prob: 0.5}}"]
+    run(["name=sup", *extra], tmp_path, data_dir)
+    lines = metrics(tmp_path / "sup")
+    assert lines[0]["thought_loss"] == 0 and all(m["thought_loss"] > 0 for m in lines[1:])  # stage 0: no thoughts
+    assert (tmp_path / "sup" / "final" / "thought_projection.safetensors").is_file()
+    # stage 1 from the stage-0 export: the projection starts new, then is saved and loaded with the model
+    run(["name=from_cot", *extra, f"load_model_path={tmp_path}/sup/stage_0", "num_epochs=1",
+         "stage_overrides={0: {epochs_per_stage: 0}, 1: {epochs_per_stage: 1}}"], tmp_path, data_dir)  # fmt: skip
+    run(["name=eval", "only_eval=true", f"load_model_path={tmp_path}/from_cot/final", "thought_feedback=projected"],
+        tmp_path, data_dir)  # fmt: skip
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n"] == 8
+    # a projected model's export refuses to start a run that feeds thoughts back otherwise
+    run(["name=mismatch", f"load_model_path={tmp_path}/sup/final"], tmp_path, data_dir, status=2)
+
+
 def test_only_eval_scores_an_exported_model(tmp_path, data_dir):
     run(["name=e2e", "num_epochs=2"], tmp_path, data_dir)
     run(["name=eval", "only_eval=true", f"load_model_path={tmp_path}/e2e/final", "eval_stage=1"], tmp_path, data_dir)
@@ -104,9 +120,14 @@ def test_loader_workers_train_the_same_weights(tmp_path, data_dir):
     assert all(torch.equal(main[k], workers[k]) for k in main)
 
 
-@pytest.mark.parametrize("mode", ["use_ddp=true", "use_fsdp=true"])
+@pytest.mark.parametrize(
+    "mode",
+    ["use_ddp=true", "use_fsdp=true", "use_fsdp=true thought_feedback=projected thought_loss_weight=1"],
+)
 def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
-    common = ["num_epochs=2", "lr=3e-3"]
+    """DDP and FSDP2 against one process; the last case shards a thought projection and runs step supervision."""
+    common = ["num_epochs=2", "lr=3e-3", *mode.split()[1:]]
+    mode = mode.split()[0]
     run(["name=single", *common], tmp_path, data_dir)
     run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data_dir, nproc=2)
     single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
