@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from config import Config
@@ -144,6 +145,81 @@ def plot_methods(rows: list[dict], out: Path) -> Path:
         ax.set(title=title)
         ax.tick_params(axis="x", labelrotation=20)
     acc_ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def ablation_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Per variant, over its finished seeds (`ablate.py` runs in `<folder>/<variant>/seed<k>`): each stage's
+    validation accuracy at its last epoch, the last stage's generated tokens, and the minutes each run took."""
+    results = {}
+    for variant in variants:
+        runs = [folder / variant / f"seed{seed}" for seed in seeds]
+        runs = [run for run in runs if _finished(run)]
+        if not runs:
+            continue
+        stages: dict[int, list[float]] = {}
+        tokens, minutes = [], []
+        for run in runs:
+            last = {m["stage"]: m for m in read_metrics(run / "metrics.jsonl")}
+            for stage, m in last.items():
+                stages.setdefault(stage, []).append(m["val_accuracy"])
+            tokens.append(last[max(last)]["gen_tokens"])
+            minutes.append(json.loads((run / "ablation.json").read_text())["minutes"])
+        results[variant] = {"stages": stages, "gen_tokens": tokens, "minutes": minutes}
+    return results
+
+
+def _finished(run: Path) -> bool:
+    status = run / "ablation.json"
+    return status.exists() and json.loads(status.read_text())["finished"]
+
+
+def _spread(values: list[float], digits: int) -> str:
+    """mean ± standard deviation (and min-max when there is more than one value)."""
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = statistics.stdev(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def ablation_table(results: dict[str, dict]) -> str:
+    """`ablation_results` as a Markdown table: a row per variant, each stage's validation accuracy over the seeds
+    (mean ± sd, min-max), the last stage's mean generated tokens and the minutes per run."""
+    stages = sorted({s for r in results.values() for s in r["stages"]})
+    header = ["variant", "seeds", *[f"stage {s}" for s in stages], "generated tokens", "minutes"]
+    rows = [
+        [
+            name,
+            len(r["minutes"]),
+            *[_spread(r["stages"][s], 3) if s in r["stages"] else "-" for s in stages],
+            f"{statistics.mean(r['gen_tokens']):.1f}",
+            _spread(r["minutes"], 1),
+        ]
+        for name, r in results.items()
+    ]
+    return format_table(header, rows)
+
+
+def plot_ablation(results: dict[str, dict], out: Path) -> Path:
+    """Mean validation accuracy per stage for each variant, each seed's value as a dot, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, r in results.items():
+        stages = sorted(r["stages"])
+        line = ax.plot(stages, [statistics.mean(r["stages"][s]) for s in stages], marker="o", label=name)[0]
+        for s in stages:
+            ax.scatter([s] * len(r["stages"][s]), r["stages"][s], color=line.get_color(), s=12, alpha=0.5)
+    ax.set(xlabel="curriculum stage", ylabel="validation accuracy", ylim=(0, 1.05), title="ablation")
+    ax.set_xticks(sorted({s for r in results.values() for s in r["stages"]}))
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

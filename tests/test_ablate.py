@@ -1,0 +1,63 @@
+"""ablate.py on the tiny model: every (variant, seed) trains once, an interrupted ablation continues, and the
+table and plot summarise each stage's accuracy over the seeds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import yaml
+from conftest import ROOT, metrics
+
+SETTINGS = {
+    "generate_demo_data": False,
+    "batch_size_training": 8,
+    "eval_batch_size": 8,
+    "max_new_tokens": 8,
+    "max_latent_stage": 1,
+    "stage_overrides": {},
+    "num_epochs": 2,
+    "warmup_steps": 0,
+}
+
+
+def ablate(spec, *args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "ablate.py"), str(spec), *args],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
+    )  # fmt: skip
+
+
+def test_ablation_trains_each_variant_and_seed_once_and_tabulates(tmp_path, data_dir):
+    overrides = SETTINGS | {"train_path": f"{data_dir}/train.jsonl", "val_path": f"{data_dir}/val.jsonl"}
+    spec = {
+        "config": "args/demo.yaml",
+        "seeds": [0, 1],
+        "save_path": str(tmp_path / "runs"),
+        "overrides": overrides,
+        "variants": {"paper": {}, "steps": {"thought_loss_weight": 1.0, "thought_feedback": "rescaled"}},
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = ablate(path, "--only", "steps")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("ablation: steps") == 2 and "ablation: paper" not in first.stdout
+    assert "thought_loss" in metrics(tmp_path / "runs" / "steps" / "seed1")[-1]
+    second = ablate(path)  # the finished variant is not trained again
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "ablation: steps" not in second.stdout and second.stdout.count("ablation: paper") == 2
+    table = (tmp_path / "runs" / "ablation.md").read_text().splitlines()
+    assert table[0].startswith("| variant | seeds | stage 0 | stage 1 | generated tokens | minutes |")
+    assert [row.split(" | ")[0:2] for row in table[2:]] == [["| paper", "2"], ["| steps", "2"]]
+    assert " ± " in table[2] and (tmp_path / "runs" / "ablation.png").stat().st_size > 0
+
+
+def test_a_bad_spec_stops_with_one_line(tmp_path):
+    path = tmp_path / "ablation.yaml"
+    path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {}}\nlr: 1\n")
+    bad = ablate(path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "\n" not in bad.stderr.strip()
+    path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {}}\n")
+    unknown = ablate(path, "--only", "b")
+    assert unknown.returncode == 2 and "--only b: no such variant" in unknown.stderr
