@@ -1,4 +1,5 @@
-"""Human-readable views of a run's metrics.jsonl: one line per epoch, a table per stage, a PNG plot.
+"""Human-readable views of a run's metrics.jsonl (one line per epoch, a table per stage, a PNG plot), of a method
+comparison (infer.py compare) and of an ablation over variants and seeds (ablate.py).
 
 python report.py checkpoints/demo/metrics.jsonl      # prints the stage table and writes metrics.png beside it
 """
