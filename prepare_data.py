@@ -329,7 +329,7 @@ def load_hub(hub_id: str) -> datasets.DatasetDict:
     except Exception as error:  # offline, unknown or gated: every failure ends the run with the same advice
         raise UserError(
             f"{hub_id} is not a local folder and loading it from the Hugging Face hub failed ({first_line(error)}); "
-            "check the path, or download the data set on a machine with internet (see README)"
+            "check the path, or download the data set on a machine with internet (see docs/data.md)"
         ) from None
 
 
