@@ -16,6 +16,7 @@ never builds the B x T x V logits.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,8 +142,9 @@ class Coconut(nn.Module):
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
-    def feed_back(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The input embedding of a thought from the last hidden state before it (rows of D).
+    def feed_back(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The map from the last hidden state before a thought to the thought's input embedding (rows of D), built
+        once per forward: `rescaled` reads the embedding table's norm once, not once per latent pass.
 
         `hidden` feeds the state back as it is (the paper); `rescaled` gives it the root-mean-square norm of the
         input-embedding rows, the scale the decoder's first layer was trained on (the final norm leaves hidden
@@ -150,11 +152,11 @@ class Coconut(nn.Module):
         """
         if self.thought_feedback == "rescaled":
             table = self.base.get_input_embeddings().weight.detach()
-            scale = table.float().pow(2).sum(-1).mean().sqrt().to(hidden.dtype)
-            return hidden * (scale / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+            scale = table.float().pow(2).sum(-1).mean().sqrt()
+            return lambda hidden: hidden * (scale.to(hidden.dtype) / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         if self.thought_feedback == "projected":
-            return self.projection(hidden)
-        return hidden
+            return self.projection
+        return lambda hidden: hidden
 
     def _segments(self, latent_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Column ranges of the decoder passes: split before every column that holds a latent in any row.
@@ -198,13 +200,14 @@ class Coconut(nn.Module):
         embeds = self.embed(input_ids, pixel_values)
         latent_mask = input_ids == self.latent_token_id
         paused = self.thought_feedback == "none" or thoughts == "pause"
+        feed_back = None if paused else self.feed_back()
         cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
         hidden_parts, embed_parts = [], []
         for start, end in self._segments(torch.zeros_like(latent_mask) if paused else latent_mask):
             part = embeds[:, start:end]
             if hidden_parts and not paused:
                 # the previous pass ended at column start-1: its last state gives the thought for column start
-                thought = _control(self.feed_back(hidden_parts[-1][:, -1]), thoughts)
+                thought = _control(feed_back(hidden_parts[-1][:, -1]), thoughts)
                 first = torch.where(latent_mask[:, start, None], thought, part[:, 0])
                 part = torch.cat([first.unsqueeze(1), part[:, 1:]], dim=1)
             out = self.decoder(
