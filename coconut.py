@@ -219,7 +219,11 @@ class Coconut(nn.Module):
             )
             hidden_parts.append(out.last_hidden_state)
             embed_parts.append(part)
-        return torch.cat(hidden_parts, dim=1), torch.cat(embed_parts, dim=1), cache
+        hidden = torch.cat(hidden_parts, dim=1)
+        if self.projection is not None and len(hidden_parts) == 1 and is_distributed():
+            # no thought in this batch: DDP still expects a gradient for the projection's parameters
+            hidden = hidden + 0.0 * self.projection(hidden[:, :1]).sum()
+        return hidden, torch.cat(embed_parts, dim=1), cache
 
     def forward(
         self,

@@ -122,10 +122,16 @@ def test_loader_workers_train_the_same_weights(tmp_path, data_dir):
 
 @pytest.mark.parametrize(
     "mode",
-    ["use_ddp=true", "use_fsdp=true", "use_fsdp=true thought_feedback=projected thought_loss_weight=1"],
+    [
+        "use_ddp=true",
+        "use_fsdp=true",
+        "use_fsdp=true thought_feedback=projected thought_loss_weight=1",
+        "use_ddp=true thought_feedback=projected",
+    ],
 )
 def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
-    """DDP and FSDP2 against one process; the last case shards a thought projection and runs step supervision."""
+    """DDP and FSDP2 against one process; the last cases shard a thought projection and run step supervision, and
+    train a projection under DDP through the CoT stage, where no thought uses it."""
     common = ["num_epochs=2", "lr=3e-3", *mode.split()[1:]]
     mode = mode.split()[0]
     run(["name=single", *common], tmp_path, data_dir)
