@@ -17,7 +17,8 @@ from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule, longest_sequence, stage_plan
 from dataset import CoconutDataset, Encoding, collate
-from images import num_tiles, tile_grid, tile_image
+from images import Vision, num_tiles, tile_grid, tile_image
+from internvl import IMAGE_BLOCK
 from models import encoding_for
 from records import load_records, record_problem
 from scoring import is_correct
@@ -178,7 +179,7 @@ def test_a_dataset_and_its_prompts_view_share_one_image_cache_budget(tmp_path, t
     records = [dict(RECORDS[0], image=f"img{k}.png") for k in range(2)]
     path = write_data(tmp_path, records, sizes=((448, 448), (448, 448)))
     config = Config(cot=True, max_num_tiles=1, image_cache_mb=1)
-    data = CoconutDataset.from_file(path, Encoding(tokenizer, config, 448, 16))
+    data = CoconutDataset.from_file(path, Encoding(tokenizer, config, Vision(448, 16, *IMAGE_BLOCK)))
     data.pixel_values(0)
     data.prompts().pixel_values(1)
     assert len(data.cache.tiles) == 1 and data.cache.bytes == 448 * 448 * 3 <= 2**20

@@ -28,7 +28,8 @@ from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, Encoding
 from distributed import DistInfo, Job
-from images import tile_image, to_rgb
+from images import Vision, tile_image, to_rgb
+from internvl import IMAGE_BLOCK
 from models import load_base
 from records import load_records
 from utils import UserError
@@ -51,7 +52,7 @@ def write_records(folder: Path, records: list, name: str = "data.jsonl") -> str:
 
 def dataset(path: str, tokenizer, **keys) -> CoconutDataset:
     config = Config(**({"cot": True, "max_num_tiles": 4} | keys))
-    return CoconutDataset.from_file(path, Encoding(tokenizer, config, 64, 16))
+    return CoconutDataset.from_file(path, Encoding(tokenizer, config, Vision(64, 16, *IMAGE_BLOCK)))
 
 
 @pytest.mark.parametrize(
