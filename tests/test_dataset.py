@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_coconut
+from conftest import make_coconut, tiny
 from PIL import Image
 
 import dataset
@@ -108,6 +108,29 @@ def test_training_sequence_layout_and_labels(tmp_path, tiny_base):
     assert tokenizer.decode(two["input_ids"]).startswith("Image-1: <img>")
     assert two["input_ids"].count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == 4 * 16
     assert data[2]["pixel_values"] is None
+
+
+@pytest.mark.parametrize("model_id", ["tiny-gpt2", "tiny-qwen2"])
+def test_a_text_model_writes_no_image_block_and_refuses_an_image(tmp_path, model_id):
+    base, tokenizer = tiny(model_id)
+    config = Config(coconut=True, c_thought=2, max_latent_stage=2, model_id=model_id)
+    encoding = encoding_for(base, tokenizer, config)
+    assert encoding.vision is None
+    data = CoconutDataset.from_file(write_data(tmp_path, RECORDS[2:]), encoding)
+    data.set_stage(1)
+    item = data[0]
+    eos = tokenizer.eos_token
+    assert (
+        tokenizer.decode(item["input_ids"])
+        == f"Q three?\n<|start-latent|><|latent|><|latent|><|end-latent|>u2\n### yes{eos}"
+    )
+    assert item["pixel_values"] is None
+    if model_id == "tiny-gpt2":  # GPT-2's tokenizer has no pad token: its EOS pads
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    with pytest.raises(
+        UserError, match=rf"data.jsonl: record 1 \(id 'a'\): has an image, but model {model_id} has no vision"
+    ):
+        CoconutDataset.from_file(write_data(tmp_path, RECORDS[2:] + RECORDS[:2]), encoding)
 
 
 def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
