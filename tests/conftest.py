@@ -76,6 +76,18 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def text_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The demo data set's records without their images (`image: null`), for the text models."""
+    folder = tmp_path_factory.mktemp("text")
+    for split in ("train", "val"):
+        records = [
+            json.loads(line) | {"image": None} for line in (data_dir / f"{split}.jsonl").read_text().splitlines()
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
 def make_coconut(base, tokenizer, eos_token_id: int | None = None, thought_feedback: str = "hidden") -> Coconut:
     """Wrap `base` with the tokenizer's latent ids (a `projected` map seeded, in the base's dtype)."""
     latent = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import make_coconut, metrics, run, weights
 from torch.utils.data import DistributedSampler
-from transformers import AutoTokenizer, InternVLForConditionalGeneration
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, InternVLForConditionalGeneration
 
+import infer
 import trainer
 from coconut import LATENT_TOKENS
 from config import Config
@@ -52,6 +53,40 @@ def test_curriculum_metrics_and_export(tmp_path, data_dir):
     exported = model.state_dict()
     for name, value in state.items():
         torch.testing.assert_close(exported[name.removeprefix("base.")], value, rtol=0, atol=0)
+
+
+def test_a_text_model_trains_resumes_exports_and_answers(tmp_path, data_dir, text_data_dir, capsys):
+    """run.py on tiny-gpt2 with text-only records: the curriculum, a resumed last epoch that ends on the same
+    weights, an export that `AutoModelForCausalLM` loads, and infer.py's question without an image."""
+    settings = ["model_id=tiny-gpt2", "keep_checkpoints=2"]
+    run(["name=text", *settings], tmp_path, text_data_dir)
+    out = tmp_path / "text"
+    assert [m["stage"] for m in metrics(out)] == [0, 1, 2]
+    assert metrics(out)[-1]["train_loss"] < metrics(out)[0]["train_loss"]
+    # the last epoch again, from the checkpoint before it
+    shutil.copytree(out, tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint_2.pt", "final"))
+    resumed = run(["name=resumed", "resume=auto", *settings], tmp_path, text_data_dir)
+    assert "resumed from" in resumed.stdout and "checkpoint_1.pt" in resumed.stdout
+    straight = weights(out / "final")
+    assert all(torch.equal(straight[k], v) for k, v in weights(tmp_path / "resumed" / "final").items())
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert isinstance(model, GPT2LMHeadModel) and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    state = torch.load(out / "checkpoint_2.pt", weights_only=False)["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[f"base.{name}"], rtol=0, atol=0)
+
+    infer.main([str(out / "final"), "--question", "start 2,1; 3 moves", "--probe", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("answer: ")
+    assert [line.split(":")[0] for line in lines[1:]] == ["thought 1", "thought 2"]  # stage 2 x c_thought 1
+    image = next(data_dir.rglob("*.png"))
+    with pytest.raises(SystemExit):
+        infer.main([str(out / "final"), "--question", "q", "--image", str(image)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --question: record 0") and "model tiny-gpt2 has no vision" in error
 
 
 def test_step_supervision_and_a_projection_train_export_and_load(tmp_path, data_dir):
