@@ -59,6 +59,10 @@ def tiny_model(model_id: str, attn_implementation: str | None) -> tuple[PreTrain
             n_layer=4,
             n_head=4,
             n_positions=1024,
+            # no dropout, as the tiny InternVL: runs that split batches differently train the same model
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             bos_token_id=eos,
             eos_token_id=eos,
         )

@@ -22,7 +22,7 @@ from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo, Job
 from evaluate import shard
-from models import encoding_for, load_base
+from models import encoding_for, load_base, sharded_layers
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -157,14 +157,23 @@ def test_loader_workers_train_the_same_weights(tmp_path, data_dir):
 
 @pytest.mark.parametrize(
     "mode",
-    ["use_ddp=true", "use_fsdp=true", "use_fsdp=true thought_feedback=projected thought_loss_weight=1"],
+    [
+        "use_ddp=true",
+        "use_fsdp=true",
+        "use_fsdp=true thought_feedback=projected thought_loss_weight=1",
+        # DDP wraps any model alike; FSDP2 shards GPT-2's transformer.h, the layout unlike InternVL's
+        pytest.param("use_ddp=true model_id=tiny-qwen2", marks=pytest.mark.slow),
+        "use_fsdp=true model_id=tiny-gpt2",
+    ],
 )
-def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
-    """DDP and FSDP2 against one process; the last case shards a thought projection and runs step supervision."""
+def test_two_process_run_matches_single_process(tmp_path, data_dir, text_data_dir, mode):
+    """DDP and FSDP2 against one process; the third case shards a thought projection and runs step supervision, the
+    last two wrap text models (on the records without images)."""
     common = ["num_epochs=2", "lr=3e-3", *mode.split()[1:]]
     mode = mode.split()[0]
-    run(["name=single", *common], tmp_path, data_dir)
-    run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data_dir, nproc=2)
+    data = text_data_dir if any(arg.startswith("model_id=") for arg in common) else data_dir
+    run(["name=single", *common], tmp_path, data)
+    run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data, nproc=2)
     single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
     for a, b in zip(single, multi):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
@@ -174,6 +183,14 @@ def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
     distance = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "multi" / "final"))
     moved = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "single" / "stage_0"))
     assert distance < 0.25 * moved
+
+
+def test_each_family_names_the_layers_fsdp_shards():
+    internvl, gpt2, qwen2 = (load_base(model_id)[0] for model_id in ("tiny", "tiny-gpt2", "tiny-qwen2"))
+    vision_and_text = [*internvl.model.vision_tower.encoder.layer, *internvl.model.language_model.layers]
+    assert sharded_layers(internvl) == vision_and_text
+    assert sharded_layers(gpt2) == list(gpt2.transformer.h) and len(gpt2.transformer.h) == 4
+    assert sharded_layers(qwen2) == list(qwen2.model.layers) and len(qwen2.model.layers) == 4
 
 
 def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir):
