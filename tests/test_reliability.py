@@ -171,6 +171,16 @@ def test_model_folder_without_checkpoint(tmp_path):
         load_base(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "model_type, message",
+    [("no_such_model", "is no model this transformers knows"), ("vit", "'vit', which is no causal language model")],
+)
+def test_a_folder_of_no_causal_lm_stops_with_one_line(tmp_path, model_type, message):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UserError, match=message):
+        load_base(str(tmp_path))
+
+
 def test_validate_lists_every_bad_record(tmp_path):
     broken_images(tmp_path)
     records = [GOOD, dict(GOOD, id="b1", answer=""), dict(GOOD, id="b2", image="truncated.png"), GOOD]

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, I
 
 import infer
 import trainer
+from checkpoint import export_pretrained
 from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule
@@ -87,6 +88,23 @@ def test_a_text_model_trains_resumes_exports_and_answers(tmp_path, data_dir, tex
         infer.main([str(out / "final"), "--question", "q", "--image", str(image)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --question: record 0") and "model tiny-gpt2 has no vision" in error
+
+
+@pytest.mark.parametrize("model_id", ["tiny-gpt2", "tiny-qwen2"])
+def test_a_text_export_loads_as_the_same_causal_lm(tmp_path, model_id):
+    """The exported folder (Qwen2's RMSNorms fused in memory, not in the file) loads with AutoModelForCausalLM and
+    through load_base, each giving the trained model's logits."""
+    torch.manual_seed(0)
+    base, tokenizer = load_base(model_id)
+    export_pretrained(make_coconut(base, tokenizer), tokenizer, tmp_path, {"config": {}, "stage": 0})
+    ids = torch.tensor([tokenizer.encode("3 + 4 = 7")])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+        reloaded, again = load_base(str(tmp_path))
+        assert type(plain) is type(base) and type(reloaded) is type(base) and len(again) == len(tokenizer)
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
 def test_step_supervision_and_a_projection_train_export_and_load(tmp_path, data_dir):
