@@ -17,6 +17,7 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -108,7 +109,7 @@ def set_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def vision(config: object) -> Vision | None:
+def vision(config: PretrainedConfig) -> Vision | None:
     """A text model sees no images."""
     return None
 
