@@ -152,7 +152,8 @@ class Coconut(nn.Module):
         """
         if self.thought_feedback == "rescaled":
             table = self.base.get_input_embeddings().weight.detach()
-            scale = table.float().pow(2).sum(-1).mean().sqrt()
+            # at least float32: a bf16 sum over the vocabulary loses the norm's precision
+            scale = table.to(torch.promote_types(table.dtype, torch.float32)).pow(2).sum(-1).mean().sqrt()
             return lambda hidden: hidden * (scale.to(hidden.dtype) / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         if self.thought_feedback == "projected":
             return self.projection

@@ -37,7 +37,7 @@ class Config:
     only_eval: bool = False  # evaluate load_model_path on val_path at eval_stage instead of training
     save_only_improve: bool = False  # write a checkpoint only when validation accuracy improves
     # model
-    model_id: str = "tiny"  # "tiny" (random, offline), a local folder or a hub id
+    model_id: str = "tiny"  # tiny, tiny-gpt2, tiny-qwen2 (random, offline), a local folder or a hub id
     load_model_path: str = "none"  # start from this checkpoint file or exported folder ("none": from model_id)
     latent_init: str = "mean"  # new token rows: "mean" of all rows, or the text of an existing token
     bf16: bool = False  # compute in bf16 (autocast, or FSDP2's mixed precision) over fp32 master weights

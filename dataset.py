@@ -5,7 +5,8 @@ A training sequence at curriculum stage k is
     <img>(context)</img>\\n question \\n <|start-latent|> <|latent|> x n <|end-latent|> steps[k:] ### answer <eos>
 
 where the first k steps are replaced by n = k x c_thought latents (`curriculum.stage_plan` is the one rule used in
-training and evaluation). Tokenisation happens once per record; a stage change only re-assembles token lists.
+training and evaluation) and the image block is the model family's (`images.Vision`; a text model's has none).
+Tokenisation happens once per record; a stage change only re-assembles token lists.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import has_markers, longest_sequence, stage_plan
-from images import TileCache, image_file, image_paths, num_tiles, tile_image, tiles_to_tensor, to_rgb
+from images import TileCache, Vision, image_file, image_paths, num_tiles, tile_image, tiles_to_tensor, to_rgb
 from records import load_records, record_name
 from scoring import ANSWER_MARK
 from utils import UserError
@@ -30,12 +31,11 @@ from utils import UserError
 @dataclass(frozen=True)
 class Encoding:
     """What turns records into token ids for one model: its tokenizer, the run's config (prompt template, tiling,
-    image_root, curriculum) and the model's tile size in pixels and context tokens per tile."""
+    image_root, curriculum) and how the model sees images (its family's `Vision`; None for a text model)."""
 
     tokenizer: PreTrainedTokenizerBase
     config: Config
-    tile: int
-    tokens_per_tile: int
+    vision: Vision | None
 
 
 @dataclass
@@ -52,20 +52,25 @@ class TokenizedRecord:
 def tokenize_record(record: dict, where: str, source: str, encoding: Encoding) -> TokenizedRecord:
     """Token ids of one record, named `where` in messages, from the file `source` (relative image paths start at
     its folder unless image_root is set); image sizes are read from file headers only, to count tiles."""
-    tokenizer, config, per_tile = encoding.tokenizer, encoding.config, encoding.tokens_per_tile
+    tokenizer, config, vision = encoding.tokenizer, encoding.config, encoding.vision
     paths = image_paths(record, source, config.image_root)
+    if paths and vision is None:
+        raise UserError(
+            f"{where}: has an image, but model {config.model_id} has no vision; "
+            "set the record's image to null or use a vision-language model_id"
+        )
     counts = []
     for path in paths:
         with image_file(path, where) as image:
             size = image.size
-        counts.append(num_tiles(*size, encoding.tile, config.max_num_tiles, config.use_thumbnail))
-    blocks = ["<img>" + "<IMG_CONTEXT>" * (n * per_tile) + "</img>\n" for n in counts]
+        counts.append(num_tiles(*size, vision.tile, config.max_num_tiles, config.use_thumbnail))
+    blocks = [vision.block(n) + "\n" for n in counts]
     if len(blocks) > 1:
         blocks = [f"Image-{k + 1}: {block}" for k, block in enumerate(blocks)]
     text = config.prompt_template.format(image="".join(blocks), question=record["question"])
     prompt = tokenizer.encode(text, add_special_tokens=False)
-    if prompt.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) != sum(counts) * per_tile:
-        raise UserError(f"{where}: question contains image tokens; remove them")  # it spelled <IMG_CONTEXT>
+    if vision and prompt.count(tokenizer.convert_tokens_to_ids(vision.context)) != sum(counts) * vision.tokens_per_tile:
+        raise UserError(f"{where}: question contains image tokens; remove them")  # it spelled the context token
     # a question to answer (infer.py) has neither steps nor an answer: its prompt is all it needs
     steps = [tokenizer.encode(step + "\n", add_special_tokens=False) for step in record.get("steps", [])]
     answer = []
@@ -176,7 +181,7 @@ class CoconutDataset(torch.utils.data.Dataset):
         if tiles is None:
             with image_file(path, self._where(index)) as image:
                 rgb = to_rgb(image)
-            tiles = tile_image(rgb, self.encoding.tile, self.config.max_num_tiles, self.config.use_thumbnail)
+            tiles = tile_image(rgb, self.encoding.vision.tile, self.config.max_num_tiles, self.config.use_thumbnail)
             self.cache.add(path, tiles)
         return tiles
 

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from config import Config
-from internvl import checkpoint_vision_tower
 from utils import UserError
 
 
@@ -109,12 +108,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def parallelize(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
-    """Move a Coconut model to `device` and wrap it for DDP or FSDP2 (each vision and decoder layer sharded, then
-    the root); with activation_checkpointing, its vision tower recomputes activations in backward."""
+def parallelize(model: nn.Module, config: Config, device: torch.device, layers: list[nn.Module]) -> nn.Module:
+    """Move a Coconut model to `device` and wrap it for DDP or FSDP2 (each of `layers`, the ones its family lists in
+    `models.sharded_layers`, sharded on its own, then the root)."""
     model.to(device)
-    if config.activation_checkpointing:
-        checkpoint_vision_tower(model.base)
     if config.use_ddp:
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -123,7 +120,6 @@ def parallelize(model: nn.Module, config: Config, device: torch.device) -> nn.Mo
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 else None
         kwargs = {"mp_policy": policy} if policy else {}
-        layers = list(model.base.model.vision_tower.encoder.layer) + list(model.decoder.layers)
         for layer in layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)

@@ -1,4 +1,5 @@
-"""Images: InternVL's dynamic tiling, reading any image file as 8-bit RGB, and a cache of decoded tiles.
+"""Images: how a model family sees them (`Vision`), InternVL's dynamic tiling, reading any image file as 8-bit RGB,
+and a cache of decoded tiles.
 
 An image is cut into the grid of at most max_num_tiles square tiles whose aspect ratio is closest to its own, plus
 a thumbnail of the whole image when there is more than one tile; the vision tower takes the tiles normalised with
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,23 @@ from utils import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Vision:
+    """How a vision-language model sees images, as its family describes it (`models.family`): the pixel size of one
+    square tile, the context tokens one tile becomes, and the text of an image block: `start`, the `context` token
+    once per context token of every tile, `end`. A text-only model has none."""
+
+    tile: int
+    tokens_per_tile: int
+    start: str
+    context: str
+    end: str
+
+    def block(self, n_tiles: int) -> str:
+        """The text of one image of `n_tiles` tiles in a prompt."""
+        return self.start + self.context * (n_tiles * self.tokens_per_tile) + self.end
 
 
 def image_paths(record: dict, data_path: str, image_root: str) -> list[Path]:

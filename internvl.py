@@ -1,11 +1,12 @@
 """The InternVL family: the tiny offline model, real checkpoints in either layout, and what the rest of the code
-needs to know about the architecture (tile size, context tokens per tile, the vision tower).
+needs to know about the architecture (`vision`: tile size, context tokens per tile, the image block; the layers to
+shard; the vision tower to checkpoint), under the names every family module offers `models.family`.
 
-`models.load_base` loads every model through this module. The tiny model (`model_id: tiny`) is random-initialised
-and built offline. A checkpoint folder is either in the native `transformers` layout (`model_type: internvl`) or in
-OpenGVLab's original remote-code layout (`internvl_chat`, how InternVL3-1B-Pretrained is published): that one is
-read without `trust_remote_code` by building the equivalent native `InternVLConfig`, renaming the weights onto
-`InternVLForConditionalGeneration` and loading them strictly (`KEY_RULES`).
+`models.load_base` loads every InternVL model through this module. The tiny model (`model_id: tiny`) is
+random-initialised and built offline. A checkpoint folder is either in the native `transformers` layout
+(`model_type: internvl`) or in OpenGVLab's original remote-code layout (`internvl_chat`, how InternVL3-1B-Pretrained
+is published): that one is read without `trust_remote_code` by building the equivalent native `InternVLConfig`,
+renaming the weights onto `InternVLForConditionalGeneration` and loading them strictly (`KEY_RULES`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
     AutoTokenizer,
@@ -35,27 +35,24 @@ try:
 except ImportError:  # transformers 4.x keeps it in modeling_utils
     from transformers.modeling_utils import no_init_weights
 
+from byte_tokenizer import byte_level_tokenizer
+from causal_lm import tiny_qwen2_config
+from images import Vision
 from utils import UserError, read_checkpoint_config
 
+TINY_IDS = ("tiny",)
 MODEL_TYPES = ("internvl", "internvl_chat")  # config.json model_type: native layout, original layout
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-IMAGE_TOKENS = ("<img>", "</img>", IMAGE_CONTEXT_TOKEN)
+IMAGE_BLOCK = ("<img>", IMAGE_CONTEXT_TOKEN, "</img>")  # start, context (once per context token), end
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
 CHECKPOINT_HINT = "pass a local InternVL3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges: any text encodes (one token per byte), nothing is unknown.
-
-    It carries the same special tokens as InternVL3's Qwen2.5 tokenizer (image tokens, `<|im_end|>` as EOS,
-    `<|endoftext|>` as padding), so code written against it runs unchanged on the real one.
-    """
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    fast.add_tokens(list(IMAGE_TOKENS), special_tokens=True)
+    """The byte-level tokenizer with the special tokens of InternVL3's Qwen2.5 tokenizer (image tokens,
+    `<|im_end|>` as EOS, `<|endoftext|>` as padding), so code written against it runs unchanged on the real one."""
+    fast = byte_level_tokenizer(EOS_TOKEN, PAD_TOKEN)
+    fast.add_tokens(list(IMAGE_BLOCK), special_tokens=True)
     return fast
 
 
@@ -73,19 +70,9 @@ def tiny_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
         image_size=64,
         patch_size=8,
     )
-    text = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
     return InternVLConfig(
         vision_config=vision,
-        text_config=text,
+        text_config=tiny_qwen2_config(vocab_size),
         image_token_id=image_token_id,
         image_seq_length=16,
         downsample_ratio=0.5,
@@ -93,8 +80,11 @@ def tiny_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
     )
 
 
-def tiny_model(attn_implementation: str | None) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerFast]:
-    """The tiny random InternVL (float32) and its byte-level tokenizer, built offline."""
+def tiny_model(
+    model_id: str, attn_implementation: str | None
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerFast]:
+    """The tiny random InternVL (`model_id` "tiny", the one of TINY_IDS; float32) and its byte-level tokenizer,
+    built offline."""
     tokenizer = build_tiny_tokenizer()
     config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN))
     return InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation), tokenizer
@@ -110,6 +100,24 @@ def image_seq_length(config: InternVLConfig) -> int:
 def tile_size(config: InternVLConfig) -> int:
     """Pixel size of one square image tile the vision tower expects."""
     return int(config.vision_config.image_size[0])
+
+
+def vision(config: InternVLConfig) -> Vision:
+    """How the model sees images: its tile size, context tokens per tile and image block
+    `<img><IMG_CONTEXT>...</img>`."""
+    return Vision(tile_size(config), image_seq_length(config), *IMAGE_BLOCK)
+
+
+def sharded_layers(model: InternVLForConditionalGeneration) -> list[torch.nn.Module]:
+    """The layers FSDP2 shards one by one: the vision tower's, then the language model's."""
+    return list(model.model.vision_tower.encoder.layer) + list(model.model.language_model.layers)
+
+
+def load(
+    folder: str, dtype: torch.dtype, attn_implementation: str | None
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
+    """An InternVL3 checkpoint folder in either layout (`load_internvl`) and its tokenizer."""
+    return load_internvl(folder, dtype=dtype, attn_implementation=attn_implementation), load_tokenizer(folder)
 
 
 def fuse_rms_norms(model: torch.nn.Module) -> None:
@@ -130,7 +138,7 @@ def fuse_rms_norms(model: torch.nn.Module) -> None:
                 setattr(parent, name, fused)
 
 
-def checkpoint_vision_tower(model: InternVLForConditionalGeneration) -> None:
+def checkpoint_activations(model: InternVLForConditionalGeneration) -> None:
     """Activation checkpointing of the vision tower's layers: their activations are recomputed in backward.
 
     Only the vision tower: decoder layers write the KV cache that links Coconut's latent passes, and a

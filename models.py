@@ -1,27 +1,44 @@
-"""The seam where a model family plugs in: loading a base model and its tokenizer, the latent tokens, and the
-Coconut model a run trains.
+"""The seam where a model family plugs in: which family a model belongs to, loading a base model and its tokenizer,
+the latent tokens, and the Coconut model a run trains.
 
-`load_base` turns a model id into a native `transformers` model and a tokenizer that holds the image tokens and
-the three latent tokens: "tiny" (random, offline), a local checkpoint folder, whose config.json's model_type names
-the family that loads it (today only InternVL, internvl.py), or a hub id (downloaded once). From there every model
-takes the same path: latent tokens added, embeddings resized and RMSNorms fused by the same code.
+A family is a module offering the same names: TINY_IDS (the offline random models it builds) and `tiny_model`,
+`load` (a checkpoint folder -> model and tokenizer), `vision` (how its models see images: `images.Vision`, or None
+for a text model), `sharded_layers` (what FSDP2 shards one by one) and `checkpoint_activations`. Vision-language
+families (today InternVL, internvl.py) claim config.json's model_type by their MODEL_TYPES; every other model type
+is a text causal LM (causal_lm.py). Adding a family is one module and one entry in VISION_FAMILIES.
+
+`load_base` turns a model id into a native `transformers` model and a tokenizer that holds the family's special
+tokens and the three latent tokens: a tiny offline model ("tiny", "tiny-gpt2", "tiny-qwen2"), a local checkpoint
+folder or a hub id (downloaded once). From there every model takes the same path: latent tokens added, embeddings
+resized and RMSNorms fused by the same code.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+import causal_lm
 import checkpoint
 import internvl
 from coconut import LATENT_TOKENS, Coconut
 from config import Config
 from dataset import Encoding
 from utils import UserError, read_checkpoint_config
+
+VISION_FAMILIES = (internvl,)  # each claims the config.json model types in its MODEL_TYPES
+TINY_FAMILIES = {model_id: family for family in (*VISION_FAMILIES, causal_lm) for model_id in family.TINY_IDS}
+
+
+def family(model_type: str) -> ModuleType:
+    """The family module of a config.json `model_type`: the vision-language family that claims it, else the text
+    causal LMs."""
+    return next((f for f in VISION_FAMILIES if model_type in f.MODEL_TYPES), causal_lm)
 
 
 def pick_attn_implementation(requested: str | None) -> str:
@@ -49,22 +66,20 @@ def load_base(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Return the base model (in `dtype`, RMSNorms fused) and its tokenizer, latent tokens included.
 
-    `model_id` is "tiny" (random, offline), a local checkpoint folder or a hub id (downloaded once, then read from
-    the local cache). `attn_implementation` None picks flash-attention 2 when it is installed on CUDA, else sdpa.
+    `model_id` is a tiny offline model (TINY_FAMILIES), a local checkpoint folder or a hub id (downloaded once, then
+    read from the local cache) of an InternVL3 or any causal LM. `attn_implementation` None picks flash-attention 2
+    when it is installed on CUDA, else sdpa.
     """
     attn_implementation = pick_attn_implementation(attn_implementation)
-    if model_id == "tiny":
-        model, tokenizer = internvl.tiny_model(attn_implementation)
+    if model_id in TINY_FAMILIES:
+        model, tokenizer = TINY_FAMILIES[model_id].tiny_model(model_id, attn_implementation)
         model = model.to(dtype)
     else:
         folder = model_id if os.path.isdir(model_id) else _download(model_id)
         model_type = read_checkpoint_config(folder).get("model_type")
-        if model_type not in internvl.MODEL_TYPES:  # the one family so far; a new one adds its branch here
-            raise UserError(f"{folder}: config.json has model_type {model_type!r}; {internvl.CHECKPOINT_HINT}")
-        model = internvl.load_internvl(folder, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = internvl.load_tokenizer(folder)
+        model, tokenizer = family(model_type).load(folder, dtype, attn_implementation)
     add_latent_tokens(model, tokenizer, latent_init)
-    internvl.fuse_rms_norms(model)
+    internvl.fuse_rms_norms(model)  # Qwen2's RMSNorms, wherever they are (InternVL's text part, a Qwen2 model)
     return model, tokenizer
 
 
@@ -73,7 +88,8 @@ def _download(model_id: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(model_id)
+        # weights as safetensors only: a hub repo may also hold the same weights for other frameworks
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
     except Exception as err:  # the hub client raises many types; the user needs the one-line reason
         raise UserError(f"config: model_id '{model_id}' is no local folder and could not be fetched ({err})") from None
 
@@ -107,7 +123,8 @@ def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
 
 def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
     """The base model (or the checkpoint to start from) wrapped in Coconut with the config's thought feedback, and
-    its tokenizer. A `projected` model starting from a model without a projection (a CoT model) gets a new one."""
+    its tokenizer. A `projected` model starting from a model without a projection (a CoT model) gets a new one;
+    with activation_checkpointing, the family's vision tower recomputes its activations in backward."""
     start_from = config.load_model_path
     if start_from != "none" and not Path(start_from).exists():
         raise UserError(f"config: load_model_path {start_from} does not exist; train stage 0 first or fix the path")
@@ -115,6 +132,8 @@ def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
     dtype = torch.bfloat16 if config.bf16_weights else torch.float32
     base, tokenizer = load_base(folder, config.latent_init, dtype, config.attn_implementation or None)
     latent_id = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
+    if config.activation_checkpointing:
+        family(base.config.model_type).checkpoint_activations(base)
     model = Coconut(base, latent_id, tokenizer.eos_token_id, config.thought_feedback)
     if start_from != "none" and Path(start_from).is_file():
         checkpoint.load_model_weights(start_from, model)
@@ -124,5 +143,10 @@ def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
 
 
 def encoding_for(base: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config) -> Encoding:
-    """How records become token ids for `base`: its tile size and context tokens per tile, with `config`."""
-    return Encoding(tokenizer, config, internvl.tile_size(base.config), internvl.image_seq_length(base.config))
+    """How records become token ids for `base`: its family's `Vision` (None for a text model), with `config`."""
+    return Encoding(tokenizer, config, family(base.config.model_type).vision(base.config))
+
+
+def sharded_layers(base: nn.Module) -> list[nn.Module]:
+    """The layers of `base` FSDP2 shards one by one, as its family lists them."""
+    return family(base.config.model_type).sharded_layers(base)

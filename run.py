@@ -1,4 +1,4 @@
-"""Train (or evaluate) Coconut on InternVL through the staged curriculum of one YAML config.
+"""Train (or evaluate) Coconut on InternVL or a text causal LM through the staged curriculum of one YAML config.
 
     python run.py args/demo.yaml [key=value ...]                                   # one CPU or GPU
     torchrun --nnodes 1 --nproc_per_node N run.py args/multimodal_coconut.yaml     # DDP or FSDP2
@@ -22,7 +22,7 @@ from curriculum import Schedule
 from dataset import CoconutDataset
 from distributed import Job, autocast_context, check_parallel, parallelize, setup_distributed
 from evaluate import generate_and_score, write_evaluation
-from models import build_model, encoding_for
+from models import build_model, encoding_for, sharded_layers
 from utils import UserError, entry_point, seed_everything
 
 
@@ -33,7 +33,7 @@ def evaluate_only(config: Config, job: Job, model: Coconut, tokenizer: PreTraine
         raise UserError("config: only_eval needs load_model_path (a checkpoint file or an exported folder)")
     prompts = CoconutDataset.from_file(config.val_path, encoding_for(model.base, tokenizer, config)).prompts()
     prompts.set_stage(config.eval_stage if config.eval_stage >= 0 else Schedule.from_config(config).last_stage)
-    model = parallelize(model, config, job.device)
+    model = parallelize(model, config, job.device, sharded_layers(model.base))
     model.eval()
     rows = generate_and_score(model, prompts, job, config.eval_batch_size)
     if job.is_main:
@@ -43,7 +43,7 @@ def evaluate_only(config: Config, job: Job, model: Coconut, tokenizer: PreTraine
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     """`python run.py CONFIG [key=value ...]`: train through the curriculum, or evaluate with only_eval."""
-    args = config_parser("Train or evaluate Coconut on InternVL.").parse_args(argv)
+    args = config_parser("Train or evaluate Coconut on InternVL or a text causal LM.").parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         info, device = setup_distributed(config)
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             train_data = CoconutDataset.from_file(config.train_path, encoding, training=True)
             data = (train_data, CoconutDataset.from_file(config.val_path, encoding))
             job.folder.mkdir(parents=True, exist_ok=True)
-            trainer.train(config, job, parallelize(model, config, device), tokenizer, data)
+            model = parallelize(model, config, device, sharded_layers(model.base))
+            trainer.train(config, job, model, tokenizer, data)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -24,7 +24,8 @@ import demo_data
 from coconut import LATENT_TOKENS, Coconut
 from config import Config
 from dataset import Encoding
-from internvl import fuse_rms_norms, tile_size
+from images import Vision
+from internvl import IMAGE_BLOCK, fuse_rms_norms, tile_size
 from models import load_base
 
 LATENTS = (0, 2, 4, 8)
@@ -242,7 +243,9 @@ def bench_data(
     with tempfile.TemporaryDirectory() as folder:
         demo_data.generate(folder, seed=0, sizes={"train": records})
         config = Config(coconut=True, c_thought=1, max_latent_stage=3, max_num_tiles=1, num_epochs=4)
-        rates, first = loader_rate(Path(folder, "train.jsonl"), Encoding(tokenizer, config, 64, 16), batch)
+        rates, first = loader_rate(
+            Path(folder, "train.jsonl"), Encoding(tokenizer, config, Vision(64, 16, *IMAGE_BLOCK)), batch
+        )
         params = [p for p in case.base.parameters() if p.requires_grad]
         step = train_step(lambda: case.coconut(**first).loss, params)
         seconds = median_times({"step": step}, warmup, repeats, sync_for(CPU))["step"]
@@ -253,7 +256,7 @@ def bench_data(
         big.mkdir()
         path = write_records(big, max(4, records // 16), 896, 672, "what is shown?", ["a", "b", "c"])
         config = Config(coconut=True, c_thought=2, max_latent_stage=3, max_num_tiles=12, num_epochs=4)
-        rates, _ = loader_rate(path, Encoding(tokenizer, config, 448, 256), batch)
+        rates, _ = loader_rate(path, Encoding(tokenizer, config, Vision(448, 256, *IMAGE_BLOCK)), batch)
         rows.append(data_row("896x672 PNG, 448-px tiles (13)", rates, None, None))
     return rows
 

@@ -25,7 +25,8 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from coconut import Coconut
 from config import Config
 from dataset import Encoding, to_device
-from internvl import checkpoint_vision_tower, fuse_rms_norms, image_seq_length, tile_size
+from internvl import checkpoint_activations, fuse_rms_norms, image_seq_length, tile_size
+from internvl import vision as vision_of
 from models import load_base, pick_attn_implementation
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
@@ -270,7 +271,7 @@ def bench_gpu_data(config: InternVLConfig, records: int, batch: int, step_rate: 
         size = tile_size(config)
         path = write_records(Path(folder), records, size, size, "q?", ["a", "b"])
         data_config = Config(coconut=True, c_thought=2, max_latent_stage=3, max_num_tiles=1, num_epochs=4)
-        rates, _ = loader_rate(path, Encoding(tokenizer, data_config, size, image_seq_length(config)), batch)
+        rates, _ = loader_rate(path, Encoding(tokenizer, data_config, vision_of(config)), batch)
     return data_row(f"{size}-px PNG, 1 tile", rates, step_rate, "coconut stage 3")
 
 
@@ -285,7 +286,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     model = build_gpu_model(tiny, device, dtype)
     if args.checkpointing:  # as run.py's activation_checkpointing
-        checkpoint_vision_tower(model)
+        checkpoint_activations(model)
     built = time.perf_counter() - began
     batch = args.batch or (2 if tiny else 16)
     cot, coconut_batch, (_, end, latent) = gpu_batches(

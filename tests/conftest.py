@@ -1,4 +1,5 @@
-"""Shared fixtures and helpers: the tiny offline InternVL, token rows laid out by hand, and run.py on demo data."""
+"""Shared fixtures and helpers: the tiny offline models (InternVL and the text families), token rows laid out by
+hand, and run.py on demo data."""
 
 from __future__ import annotations
 
@@ -24,13 +25,47 @@ from models import load_base  # noqa: E402
 
 torch.set_num_threads(2)
 
+# the tiny offline model of each family: InternVL, and two text causal LMs with different position schemes
+# (GPT-2's learned absolute positions and own attention, Qwen2's rotary ones)
+TINY_MODELS = ("tiny", "tiny-gpt2", "tiny-qwen2")
+_BASES = {}
+
+
+def tiny(model_id: str):
+    """The tiny random `model_id` (float64, so exact comparisons are meaningful) and its tokenizer, built once."""
+    if model_id not in _BASES:
+        torch.manual_seed(0)
+        model, tokenizer = load_base(model_id)
+        _BASES[model_id] = model.double().eval(), tokenizer
+    return _BASES[model_id]
+
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    """The tiny random InternVL (float64, so exact comparisons are meaningful) and its tokenizer."""
-    torch.manual_seed(0)
-    model, tokenizer = load_base("tiny")
-    return model.double().eval(), tokenizer
+    """The tiny random InternVL and its tokenizer (`tiny`)."""
+    return tiny("tiny")
+
+
+@pytest.fixture(scope="session", params=TINY_MODELS)
+def any_base(request):
+    """Each family's tiny model and its tokenizer in turn (TINY_MODELS)."""
+    return tiny(request.param)
+
+
+def has_vision(base) -> bool:
+    """Whether `base` is a vision-language model (takes pixel_values)."""
+    return hasattr(base.config, "vision_config")
+
+
+def plain_hidden(base, embeds, attention_mask, position_ids, pixel_values=None):
+    """Final hidden states of one plain, cache-free pass over `embeds`: InternVL's own model (which places the image
+    features itself) or a text model's decoder."""
+    if has_vision(base):
+        return base.model(
+            inputs_embeds=embeds, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+    decoder = base.get_decoder()
+    return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +73,18 @@ def data_dir(tmp_path_factory) -> Path:
     """A small demo data set (32 training and 8 validation records), written once per test module."""
     folder = tmp_path_factory.mktemp("demo")
     demo_data.generate(str(folder), seed=1, sizes={"train": 32, "val": 8})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The demo data set's records without their images (`image: null`), for the text models."""
+    folder = tmp_path_factory.mktemp("text")
+    for split in ("train", "val"):
+        records = [
+            json.loads(line) | {"image": None} for line in (data_dir / f"{split}.jsonl").read_text().splitlines()
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
 
 
@@ -65,23 +112,18 @@ def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id, f
     latent = input_ids == latent_id
 
     def run(embeds):
-        out = base.model(
-            inputs_embeds=embeds,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=positions,
-        )
-        return out.last_hidden_state
+        return plain_hidden(base, embeds, attention_mask, positions, pixel_values)
 
+    head = base.get_output_embeddings()
     if feed_back is None:
-        return base.lm_head(run(embeds))
+        return head(run(embeds))
     for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):
         hidden = run(embeds)
-        fill = torch.zeros_like(latent)
-        fill[:, col] = latent[:, col]
-        shifted = feed_back(torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1))  # column j gets the state of j-1
-        embeds = torch.where(fill.unsqueeze(-1), shifted, embeds)
-    return base.lm_head(run(embeds))
+        rows = torch.nonzero(latent[:, col]).flatten()
+        cols = torch.full_like(rows, col)
+        # the latent at column j gets the state of j-1 (mapped there only: padding's states may be NaN)
+        embeds = embeds.index_put((rows, cols), feed_back(hidden[rows, cols - 1]))
+    return head(run(embeds))
 
 
 def shifted_loss(logits, labels):
@@ -90,11 +132,13 @@ def shifted_loss(logits, labels):
 
 
 def build_batch(base, tokenizer, rows, pad_left):
-    """rows: (n_tiles, prefix_len, n_latents, suffix_len); random text, padded left or right per row."""
+    """rows: (n_tiles, prefix_len, n_latents, suffix_len); random text, padded left or right per row. A text model
+    gets no tiles (its rows' n_tiles are read as 0)."""
     start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
     gen = torch.Generator().manual_seed(1)
     seqs, tiles = [], 0
     for n_tiles, prefix, n_latents, suffix in rows:
+        n_tiles = n_tiles if has_vision(base) else 0
         text = lambda n: torch.randint(0, 256, (n,), generator=gen).tolist()  # noqa: E731
         marked = [start] + [latent] * n_latents + [end] if n_latents else []
         seqs.append(image_block(base, tokenizer, n_tiles) + text(prefix) + marked + text(suffix))
@@ -106,8 +150,10 @@ def build_batch(base, tokenizer, rows, pad_left):
         cols = slice(width - len(seq), width) if left else slice(0, len(seq))
         ids[i, cols] = torch.tensor(seq)
         mask[i, cols] = 1
-    size = base.config.vision_config.image_size
-    pixels = torch.randn(tiles, 3, size[0], size[1], generator=gen, dtype=torch.float64) if tiles else None
+    pixels = None
+    if tiles:
+        size = base.config.vision_config.image_size
+        pixels = torch.randn(tiles, 3, size[0], size[1], generator=gen, dtype=torch.float64)
     labels = torch.where((mask == 1) & (ids < 256), ids, -100)
     return ids, mask, pixels, labels
 

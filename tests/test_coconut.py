@@ -1,4 +1,5 @@
-"""Coconut's cached multi-pass forward and generate against a naive reference that recomputes everything.
+"""Coconut's cached multi-pass forward and generate against a naive reference that recomputes everything, on the
+tiny model of every family (InternVL, GPT-2, Qwen2).
 
 The reference fills one latent column at a time by running the base model's own forward (its own image
 merging, no cache) over the whole sequence, so any error in segmenting, caching, positions or image placement
@@ -9,14 +10,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAYOUTS, build_batch, image_block, make_coconut, reference_logits, shifted_loss
+from conftest import (
+    LAYOUTS,
+    build_batch,
+    has_vision,
+    image_block,
+    make_coconut,
+    plain_hidden,
+    reference_logits,
+    shifted_loss,
+)
 
 from coconut import positions_from_mask
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_matches_reference(tiny_base, layout):
-    base, tokenizer = tiny_base
+def test_forward_matches_reference(any_base, layout):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS[layout])
 
@@ -36,15 +46,16 @@ def test_forward_matches_reference(tiny_base, layout):
             # parts of the vision tower take a float32 softmax even in float64: compare at that precision
             assert (g - r).abs().max() <= 1e-6 * r.abs().max(), name
             checked += 1
-    assert checked == len(list(base.parameters())) - (
-        0
-        if pixels is not None
-        else len(list(base.model.vision_tower.parameters())) + len(list(base.model.multi_modal_projector.parameters()))
-    )
+    unused = 0
+    if pixels is None and has_vision(base):
+        unused = len(list(base.model.vision_tower.parameters())) + len(
+            list(base.model.multi_modal_projector.parameters())
+        )
+    assert checked == len(list(base.parameters())) - unused
 
 
-def test_example_losses_match_per_row_losses_of_the_reference(tiny_base):
-    base, tokenizer = tiny_base
+def test_example_losses_match_per_row_losses_of_the_reference(any_base):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["misaligned_right_pad"])
     labels[1] = -100  # a row without labels counts 0
@@ -57,26 +68,25 @@ def test_example_losses_match_per_row_losses_of_the_reference(tiny_base):
         model(ids, mask, pixel_values=pixels).example_losses()
 
 
-def test_no_latents_equals_plain_internvl(tiny_base):
-    """Without latents Coconut is exactly InternVL's own forward (image features placed as InternVL does)."""
-    base, tokenizer = tiny_base
+def test_no_latents_equals_the_plain_model(any_base):
+    """Without latents Coconut is exactly the base model's own forward (image features placed as InternVL does)."""
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["no_latents_several_tiles"])
     out = model(ids, mask, labels=labels, pixel_values=pixels)
-    plain = base(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions_from_mask(mask))
+    images = {"pixel_values": pixels} if has_vision(base) else {}
+    plain = base(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), **images)
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], plain.logits[real], rtol=1e-10, atol=1e-10)
 
 
-def test_thoughts_are_previous_hidden_states(tiny_base):
+def test_thoughts_are_previous_hidden_states(any_base):
     """`inputs_embeds` holds, at each latent, the final hidden state of the column before it."""
-    base, tokenizer = tiny_base
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, _ = build_batch(base, tokenizer, *LAYOUTS["misaligned_right_pad"])
     out = model(ids, mask, pixel_values=pixels)
-    hidden = base.model(
-        inputs_embeds=out.inputs_embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
-    ).last_hidden_state
+    hidden = plain_hidden(base, out.inputs_embeds, mask, positions_from_mask(mask))
     rows, cols = torch.nonzero(ids == model.latent_token_id, as_tuple=True)
     assert len(rows) == 7
     torch.testing.assert_close(out.inputs_embeds[rows, cols], hidden[rows, cols - 1], rtol=1e-9, atol=1e-9)
@@ -93,8 +103,8 @@ def test_gradients_reach_vision_projector_and_language_model(tiny_base):
     base.zero_grad()
 
 
-def test_passes_one_per_latent_column_plus_one(tiny_base):
-    base, tokenizer = tiny_base
+def test_passes_one_per_latent_column_plus_one(any_base):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, _ = build_batch(base, tokenizer, *LAYOUTS["misaligned_left_pad"])
     calls = []
@@ -117,16 +127,17 @@ def reference_generate(base, ids, mask, pixels, latent_id, eos, max_new_tokens):
     return ids[0].tolist()
 
 
-def test_generate_left_padded_batch_matches_each_row_alone(tiny_base):
-    base, tokenizer = tiny_base
+def test_generate_left_padded_batch_matches_each_row_alone(any_base):
+    base, tokenizer = any_base
     rows = [(1, 3, 2, 2), (0, 9, 4, 1), (2, 2, 0, 3)]
     ids, mask, pixels, _ = build_batch(base, tokenizer, rows, [True, True, True])
     latent_id = make_coconut(base, tokenizer).latent_token_id
     new = 6
-    tile = image_block(base, tokenizer, 1)[1]
+    tile = image_block(base, tokenizer, 1)[1] if has_vision(base) else -1
     with torch.no_grad():
         alone, first_tile = [], 0
         for i, (n_tiles, *_rest) in enumerate(rows):
+            n_tiles = n_tiles if has_vision(base) else 0  # as build_batch reads the rows
             keep = mask[i].bool()
             row_pixels = pixels[first_tile : first_tile + n_tiles] if n_tiles else None
             first_tile += n_tiles
@@ -149,9 +160,9 @@ def test_generate_left_padded_batch_matches_each_row_alone(tiny_base):
     assert out[0, -new:].tolist()[2:] == [eos] * (new - 2)
 
 
-def test_generate_uses_the_cache(tiny_base):
+def test_generate_uses_the_cache(any_base):
     """Each new token is one decoder call on one column: the prefix is never recomputed."""
-    base, tokenizer = tiny_base
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer, eos_token_id=-1)
     ids, mask, pixels, _ = build_batch(base, tokenizer, [(1, 3, 2, 2), (0, 5, 0, 1)], [True, True])
     widths = []

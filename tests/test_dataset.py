@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_coconut
+from conftest import make_coconut, tiny
 from PIL import Image
 
 import dataset
@@ -17,7 +17,8 @@ from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule, longest_sequence, stage_plan
 from dataset import CoconutDataset, Encoding, collate
-from images import num_tiles, tile_grid, tile_image
+from images import Vision, num_tiles, tile_grid, tile_image
+from internvl import IMAGE_BLOCK
 from models import encoding_for
 from records import load_records, record_problem
 from scoring import is_correct
@@ -109,6 +110,29 @@ def test_training_sequence_layout_and_labels(tmp_path, tiny_base):
     assert data[2]["pixel_values"] is None
 
 
+@pytest.mark.parametrize("model_id", ["tiny-gpt2", "tiny-qwen2"])
+def test_a_text_model_writes_no_image_block_and_refuses_an_image(tmp_path, model_id):
+    base, tokenizer = tiny(model_id)
+    config = Config(coconut=True, c_thought=2, max_latent_stage=2, model_id=model_id)
+    encoding = encoding_for(base, tokenizer, config)
+    assert encoding.vision is None
+    data = CoconutDataset.from_file(write_data(tmp_path, RECORDS[2:]), encoding)
+    data.set_stage(1)
+    item = data[0]
+    eos = tokenizer.eos_token
+    assert (
+        tokenizer.decode(item["input_ids"])
+        == f"Q three?\n<|start-latent|><|latent|><|latent|><|end-latent|>u2\n### yes{eos}"
+    )
+    assert item["pixel_values"] is None
+    if model_id == "tiny-gpt2":  # GPT-2's tokenizer has no pad token: its EOS pads
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    with pytest.raises(
+        UserError, match=rf"data.jsonl: record 1 \(id 'a'\): has an image, but model {model_id} has no vision"
+    ):
+        CoconutDataset.from_file(write_data(tmp_path, RECORDS[2:] + RECORDS[:2]), encoding)
+
+
 def test_generation_prompt_and_cot_layout(tmp_path, tiny_base):
     _, tokenizer = tiny_base
     data = make_dataset(tmp_path, tiny_base).prompts()
@@ -178,7 +202,7 @@ def test_a_dataset_and_its_prompts_view_share_one_image_cache_budget(tmp_path, t
     records = [dict(RECORDS[0], image=f"img{k}.png") for k in range(2)]
     path = write_data(tmp_path, records, sizes=((448, 448), (448, 448)))
     config = Config(cot=True, max_num_tiles=1, image_cache_mb=1)
-    data = CoconutDataset.from_file(path, Encoding(tokenizer, config, 448, 16))
+    data = CoconutDataset.from_file(path, Encoding(tokenizer, config, Vision(448, 16, *IMAGE_BLOCK)))
     data.pixel_values(0)
     data.prompts().pixel_values(1)
     assert len(data.cache.tiles) == 1 and data.cache.bytes == 448 * 448 * 3 <= 2**20

@@ -12,9 +12,9 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from coconut import LATENT_TOKENS
 from internvl import (
-    IMAGE_TOKENS,
+    IMAGE_BLOCK,
     build_tiny_tokenizer,
-    checkpoint_vision_tower,
+    checkpoint_activations,
     fuse_rms_norms,
     image_seq_length,
     tiny_config,
@@ -28,7 +28,7 @@ def test_tiny_tokenizer_encodes_any_text_without_unknowns():
     text = "Grüße, 東京! <img><IMG_CONTEXT></img> 3.5 → ∑"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
-    assert len(set(tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))) == 3
+    assert len(set(tokenizer.convert_tokens_to_ids(list(IMAGE_BLOCK)))) == 3
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
 
 
@@ -96,7 +96,7 @@ def test_vision_checkpointing_recomputes_without_changing_loss_or_gradients():
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain_grads = loss_and_grads()
-    checkpoint_vision_tower(model)
+    checkpoint_activations(model)
     assert model.model.vision_tower.encoder.gradient_checkpointing
     # the decoder writes the KV cache that links the latent passes: it must not be recomputed
     assert not model.model.language_model.gradient_checkpointing

@@ -28,7 +28,8 @@ from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, Encoding
 from distributed import DistInfo, Job
-from images import tile_image, to_rgb
+from images import Vision, tile_image, to_rgb
+from internvl import IMAGE_BLOCK
 from models import load_base
 from records import load_records
 from utils import UserError
@@ -51,7 +52,7 @@ def write_records(folder: Path, records: list, name: str = "data.jsonl") -> str:
 
 def dataset(path: str, tokenizer, **keys) -> CoconutDataset:
     config = Config(**({"cot": True, "max_num_tiles": 4} | keys))
-    return CoconutDataset.from_file(path, Encoding(tokenizer, config, 64, 16))
+    return CoconutDataset.from_file(path, Encoding(tokenizer, config, Vision(64, 16, *IMAGE_BLOCK)))
 
 
 @pytest.mark.parametrize(
@@ -167,6 +168,16 @@ def test_too_long_records_error_or_skip_counted(tmp_path, tokenizer, capsys):
 
 def test_model_folder_without_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
+        load_base(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "model_type, message",
+    [("no_such_model", "is no model this transformers knows"), ("vit", "'vit', which is no causal language model")],
+)
+def test_a_folder_of_no_causal_lm_stops_with_one_line(tmp_path, model_type, message):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UserError, match=message):
         load_base(str(tmp_path))
 
 

@@ -3,7 +3,8 @@
 The reference for every feedback mode (conftest.reference_logits; `hidden` is tests/test_coconut.py's) recomputes the
 whole sequence without a cache once per latent column and fills each latent with the mode's map of the hidden state
 before it: the same `projection` module for `projected`, an independent formula for `rescaled`, the plain forward
-for `none`. The step-supervision reference decodes each (row, group) on its own through the language model.
+for `none`. The step-supervision reference decodes each (row, group) on its own through the language model. Every
+test runs on the tiny model of each family (InternVL, GPT-2, Qwen2).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYOUTS, build_batch, make_coconut, reference_logits, shifted_loss
+from conftest import LAYOUTS, build_batch, make_coconut, plain_hidden, reference_logits, shifted_loss
 
 from coconut import positions_from_mask
 
@@ -28,8 +29,7 @@ def fed_thoughts(base, embeds, ids, mask, latent_id, feed_back):
     rows, cols = torch.nonzero(ids == latent_id, as_tuple=True)
     if feed_back is None:
         return base.get_input_embeddings()(ids)[rows, cols]
-    positions = positions_from_mask(mask)
-    hidden = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    hidden = plain_hidden(base, embeds, mask, positions_from_mask(mask))
     return feed_back(hidden[rows, cols - 1])
 
 
@@ -45,8 +45,8 @@ def feedback_map(mode, model):
 
 @pytest.mark.parametrize("layout", ["aligned", "misaligned_left_pad", "mixed_padding_text_only"])
 @pytest.mark.parametrize("mode", ["rescaled", "projected", "none"])
-def test_feedback_modes_match_the_reference(tiny_base, mode, layout):
-    base, tokenizer = tiny_base
+def test_feedback_modes_match_the_reference(any_base, mode, layout):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer, thought_feedback=mode).double()
     ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS[layout])
     params = list(model.parameters())
@@ -70,8 +70,8 @@ def test_feedback_modes_match_the_reference(tiny_base, mode, layout):
         assert all(g is not None for g in grads[-len(list(model.projection.parameters())) :])
 
 
-def test_rescaled_thoughts_have_the_embedding_scale(tiny_base):
-    base, tokenizer = tiny_base
+def test_rescaled_thoughts_have_the_embedding_scale(any_base):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer, thought_feedback="rescaled")
     ids, mask, pixels, _ = build_batch(base, tokenizer, *LAYOUTS["aligned"])
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_rescaled_thoughts_have_the_embedding_scale(tiny_base):
 
 def reference_step_loss(model, thoughts_per_row, step_ids, width):
     """Every (row, group) decoded alone: the group's thoughts, then the step, through the language model."""
-    lm, head = model.base.model.language_model, model.base.lm_head
+    lm, head = model.base.get_decoder(), model.base.get_output_embeddings()
     total, count = 0.0, 0
     for row, thoughts in enumerate(thoughts_per_row):
         for group in range(step_ids.shape[1]):
@@ -99,8 +99,8 @@ def reference_step_loss(model, thoughts_per_row, step_ids, width):
 
 
 @pytest.mark.parametrize("width", [1, 2])
-def test_step_loss_matches_decoding_each_group_alone(tiny_base, width):
-    base, tokenizer = tiny_base
+def test_step_loss_matches_decoding_each_group_alone(any_base, width):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     rows = [(1, 3, 2 * width, 4), (0, 5, 1 * width, 2), (0, 4, 0, 3)]
     ids, mask, pixels, labels = build_batch(base, tokenizer, rows, [False, False, False])
@@ -122,8 +122,8 @@ def test_step_loss_matches_decoding_each_group_alone(tiny_base, width):
             assert (g - r).abs().max() <= 1e-6 * r.abs().max().clamp(min=1e-30), name
 
 
-def test_step_loss_without_supervised_thoughts_is_zero_and_keeps_the_graph(tiny_base):
-    base, tokenizer = tiny_base
+def test_step_loss_without_supervised_thoughts_is_zero_and_keeps_the_graph(any_base):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["no_latents_several_tiles"])
     out = model(ids, mask, labels=labels, pixel_values=pixels, step_ids=torch.full((2, 1, 1), -100))
@@ -131,8 +131,8 @@ def test_step_loss_without_supervised_thoughts_is_zero_and_keeps_the_graph(tiny_
 
 
 @pytest.mark.parametrize("control", ["zeros", "pause", "noise"])
-def test_controls_replace_the_thoughts(tiny_base, control):
-    base, tokenizer = tiny_base
+def test_controls_replace_the_thoughts(any_base, control):
+    base, tokenizer = any_base
     model = make_coconut(base, tokenizer)
     ids, mask, pixels, _ = build_batch(base, tokenizer, *LAYOUTS["misaligned_right_pad"])
     latent = ids == model.latent_token_id
@@ -153,8 +153,8 @@ def test_controls_replace_the_thoughts(tiny_base, control):
     torch.testing.assert_close(out.logits[real], ref[real], rtol=1e-9, atol=1e-9)
 
 
-def test_generate_with_pause_thoughts_equals_a_pause_model(tiny_base):
-    base, tokenizer = tiny_base
+def test_generate_with_pause_thoughts_equals_a_pause_model(any_base):
+    base, tokenizer = any_base
     ids, mask, pixels, _ = build_batch(base, tokenizer, [(1, 3, 2, 2), (0, 5, 3, 1)], [True, True])
     with torch.no_grad():
         controlled = make_coconut(base, tokenizer, eos_token_id=-1).generate(

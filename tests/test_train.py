@@ -12,16 +12,18 @@ import pytest
 import torch
 from conftest import make_coconut, metrics, run, weights
 from torch.utils.data import DistributedSampler
-from transformers import AutoTokenizer, InternVLForConditionalGeneration
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, InternVLForConditionalGeneration
 
+import infer
 import trainer
+from checkpoint import export_pretrained
 from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo, Job
 from evaluate import shard
-from models import encoding_for, load_base
+from models import encoding_for, load_base, sharded_layers
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -52,6 +54,57 @@ def test_curriculum_metrics_and_export(tmp_path, data_dir):
     exported = model.state_dict()
     for name, value in state.items():
         torch.testing.assert_close(exported[name.removeprefix("base.")], value, rtol=0, atol=0)
+
+
+def test_a_text_model_trains_resumes_exports_and_answers(tmp_path, data_dir, text_data_dir, capsys):
+    """run.py on tiny-gpt2 with text-only records: the curriculum, a resumed last epoch that ends on the same
+    weights, an export that `AutoModelForCausalLM` loads, and infer.py's question without an image."""
+    settings = ["model_id=tiny-gpt2", "keep_checkpoints=2"]
+    run(["name=text", *settings], tmp_path, text_data_dir)
+    out = tmp_path / "text"
+    assert [m["stage"] for m in metrics(out)] == [0, 1, 2]
+    assert metrics(out)[-1]["train_loss"] < metrics(out)[0]["train_loss"]
+    # the last epoch again, from the checkpoint before it
+    shutil.copytree(out, tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint_2.pt", "final"))
+    resumed = run(["name=resumed", "resume=auto", *settings], tmp_path, text_data_dir)
+    assert "resumed from" in resumed.stdout and "checkpoint_1.pt" in resumed.stdout
+    straight = weights(out / "final")
+    assert all(torch.equal(straight[k], v) for k, v in weights(tmp_path / "resumed" / "final").items())
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert isinstance(model, GPT2LMHeadModel) and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    state = torch.load(out / "checkpoint_2.pt", weights_only=False)["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[f"base.{name}"], rtol=0, atol=0)
+
+    infer.main([str(out / "final"), "--question", "start 2,1; 3 moves", "--probe", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("answer: ")
+    assert [line.split(":")[0] for line in lines[1:]] == ["thought 1", "thought 2"]  # stage 2 x c_thought 1
+    image = next(data_dir.rglob("*.png"))
+    with pytest.raises(SystemExit):
+        infer.main([str(out / "final"), "--question", "q", "--image", str(image)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --question: record 0") and "model tiny-gpt2 has no vision" in error
+
+
+@pytest.mark.parametrize("model_id", ["tiny-gpt2", "tiny-qwen2"])
+def test_a_text_export_loads_as_the_same_causal_lm(tmp_path, model_id):
+    """The exported folder (Qwen2's RMSNorms fused in memory, not in the file) loads with AutoModelForCausalLM and
+    through load_base, each giving the trained model's logits."""
+    torch.manual_seed(0)
+    base, tokenizer = load_base(model_id)
+    export_pretrained(make_coconut(base, tokenizer), tokenizer, tmp_path, {"config": {}, "stage": 0})
+    ids = torch.tensor([tokenizer.encode("3 + 4 = 7")])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+        reloaded, again = load_base(str(tmp_path))
+        assert type(plain) is type(base) and type(reloaded) is type(base) and len(again) == len(tokenizer)
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
 def test_step_supervision_and_a_projection_train_export_and_load(tmp_path, data_dir):
@@ -126,16 +179,20 @@ def test_loader_workers_train_the_same_weights(tmp_path, data_dir):
         "use_ddp=true",
         "use_fsdp=true",
         "use_fsdp=true thought_feedback=projected thought_loss_weight=1",
-        "use_ddp=true thought_feedback=projected",
+        # DDP wraps any model alike, here a text model whose projection no thought uses at the CoT stage (DDP
+        # still needs its gradient); FSDP2 shards GPT-2's transformer.h, the layout unlike InternVL's
+        "use_ddp=true model_id=tiny-qwen2 thought_feedback=projected",
+        "use_fsdp=true model_id=tiny-gpt2",
     ],
 )
-def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
-    """DDP and FSDP2 against one process; the last cases shard a thought projection and run step supervision, and
-    train a projection under DDP through the CoT stage, where no thought uses it."""
+def test_two_process_run_matches_single_process(tmp_path, data_dir, text_data_dir, mode):
+    """DDP and FSDP2 against one process; the third case shards a thought projection and runs step supervision, the
+    last two wrap text models (on the records without images)."""
     common = ["num_epochs=2", "lr=3e-3", *mode.split()[1:]]
     mode = mode.split()[0]
-    run(["name=single", *common], tmp_path, data_dir)
-    run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data_dir, nproc=2)
+    data = text_data_dir if any(arg.startswith("model_id=") for arg in common) else data_dir
+    run(["name=single", *common], tmp_path, data)
+    run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data, nproc=2)
     single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
     for a, b in zip(single, multi):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
@@ -145,6 +202,14 @@ def test_two_process_run_matches_single_process(tmp_path, data_dir, mode):
     distance = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "multi" / "final"))
     moved = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "single" / "stage_0"))
     assert distance < 0.25 * moved
+
+
+def test_each_family_names_the_layers_fsdp_shards():
+    internvl, gpt2, qwen2 = (load_base(model_id)[0] for model_id in ("tiny", "tiny-gpt2", "tiny-qwen2"))
+    vision_and_text = [*internvl.model.vision_tower.encoder.layer, *internvl.model.language_model.layers]
+    assert sharded_layers(internvl) == vision_and_text
+    assert sharded_layers(gpt2) == list(gpt2.transformer.h) and len(gpt2.transformer.h) == 4
+    assert sharded_layers(qwen2) == list(qwen2.model.layers) and len(qwen2.model.layers) == 4
 
 
 def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir):
