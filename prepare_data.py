@@ -325,8 +325,14 @@ def coconut_release(root: Path, dataset: str) -> dict[str, list[dict[str, Any]]]
         for n, row in enumerate(rows):
             where = f"record {n} of {file}"
             require(row if isinstance(row, dict) else {}, COCONUT_KEYS, where, dataset)
-            if not isinstance(row["steps"], list) or not all(isinstance(step, str) for step in row["steps"]):
-                raise UserError(f"{where}: 'steps' is not a list of strings; is this the original {file.name}?")
+            steps = row["steps"]
+            if not isinstance(row["question"], str) or not (
+                isinstance(steps, list) and all(isinstance(step, str) for step in steps)
+            ):
+                raise UserError(
+                    f"{where}: 'question' must be a string and 'steps' a list of strings; is this the original "
+                    f"{file.name}?"
+                )
         splits[SPLIT_NAMES[split]] = [{**row, "dataset": dataset} for row in rows]
     if not splits:
         raise UserError(

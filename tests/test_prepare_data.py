@@ -620,5 +620,8 @@ def test_coconut_folder_without_its_files_or_with_a_wrong_record_is_one_line(tmp
     broken = write_coconut_files(tmp_path / "broken", "prosqa", {"train": [PROSQA, {"question": "q", "answer": "a"}]})
     message = user_error("prosqa", "--source", broken, "--out", tmp_path / "out")
     assert f"record 1 of {broken / 'prosqa_train.json'} has no column 'steps'" in message
+    write_coconut_files(broken, "prosqa", {"train": [{**PROSQA, "steps": "Tom is a terpus."}]})
+    message = user_error("prosqa", "--source", broken, "--out", tmp_path / "out")
+    assert "record 0 of" in message and "'steps' a list of strings; is this the original prosqa_train.json?" in message
     message = user_error("prontoqa", "--source", tmp_path / "nowhere", "--out", tmp_path / "out")
     assert "is not a folder; pass the folder that holds prontoqa_<split>.json" in message
