@@ -22,6 +22,8 @@ from utils import UserError
 
 # how a thought's input embedding is made from the hidden state before it (coconut.Coconut.feed_back)
 THOUGHT_FEEDBACK = ("hidden", "rescaled", "projected", "none")
+# the synthetic sets demo_data.py writes: colour grids (images) and graph reachability (text)
+DEMO_SETS = ("grid", "graph")
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Config:
     keep_checkpoints: int = 2  # checkpoint files kept; older ones are deleted
     max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with non-finite gradients
     report_to: str = "none"  # none | wandb | tensorboard
-    generate_demo_data: bool = False  # write demo_data.py's set into train_path's folder when it is missing
+    generate_demo_data: str = "none"  # grid | graph: write that demo_data.py set when train_path's folder lacks it
     # {stage: {key: value}}: keys (STAGE_KEYS) that change from a given curriculum stage on
     stage_overrides: dict = field(default_factory=dict)
 
@@ -269,6 +271,7 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "report_to": ("none", "wandb", "tensorboard"),
         "too_long": ("error", "skip"),
         "thought_feedback": THOUGHT_FEEDBACK,
+        "generate_demo_data": ("none", *DEMO_SETS),
     }
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:

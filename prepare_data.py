@@ -1,10 +1,13 @@
-"""Turn ScienceQA, M3CoT and A-OKVQA into this repo's reasoning records.
+"""Turn ScienceQA, M3CoT, A-OKVQA and the Coconut paper's text sets into this repo's reasoning records.
 
-    python prepare_data.py {scienceqa,m3cot,aokvqa} --source SRC --out OUT_DIR [--split train ...]
+    python prepare_data.py {scienceqa,m3cot,aokvqa,gsm8k,prontoqa,prosqa} --source SRC --out OUT_DIR [--split ...]
 
-SRC is a Hugging Face hub id, a folder written by ``DatasetDict.save_to_disk``, a folder of parquet files (the
-hub's ``data/<split>-*.parquet`` layout) or the data set's original JSON release: ScienceQA's folder with
-``problems.json`` and ``images/``, or A-OKVQA's folder with ``aokvqa_v1p0_<split>.json`` plus ``--coco-root``.
+For the image sets, SRC is a Hugging Face hub id, a folder written by ``DatasetDict.save_to_disk``, a folder of
+parquet files (the hub's ``data/<split>-*.parquet`` layout) or the data set's original JSON release: ScienceQA's
+folder with ``problems.json`` and ``images/``, or A-OKVQA's folder with ``aokvqa_v1p0_<split>.json`` plus
+``--coco-root``. For GSM8k, ProntoQA and ProsQA (text only), SRC is a folder holding the files the original Coconut
+(arXiv 2412.06769, github.com/facebookresearch/coconut) trains on, ``gsm_<split>.json``, ``prontoqa_<split>.json``
+or ``prosqa_<split>.json`` with split train, valid or test.
 For every split it writes ``OUT_DIR/<split>.jsonl`` (one record a line), the images under
 ``OUT_DIR/images/<split>/`` and ``OUT_DIR/skipped_<split>.jsonl``, which gives the id and the reason of every
 source record that was not written.
@@ -31,9 +34,18 @@ from utils import UserError, entry_point
 
 SPLITS = ("train", "val", "test")
 # Split names used by the hub and the original releases, mapped to the file names written here.
-SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "dev": "val", "test": "test"}
+SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val", "test": "test"}
 HUB_IDS = {"scienceqa": "derek-thomas/ScienceQA", "m3cot": "LightChen2333/M3CoT", "aokvqa": "HuggingFaceM4/A-OKVQA"}
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# The original Coconut's data files: <prefix>_{train,valid,test}.json, each a JSON list of records with these keys
+# (ProsQA's also carry its graph, kept in meta). Its GSM8k files come from GSM8k-Aug, written by its
+# preprocessing/gsm_icot.bash; its ProntoQA files by preprocessing/prontoqa.py; ProsQA's are published in its data/.
+COCONUT_FILES = {"gsm8k": "gsm", "prontoqa": "prontoqa", "prosqa": "prosqa"}
+COCONUT_KEYS = ("question", "steps", "answer")
+PROSQA_GRAPH = ("idx_to_symbol", "edges", "root", "target", "neg_target")
+# The image sets' rationales run to many sentences; the paper's text sets keep their steps as published, since its
+# curriculum (stage k replaces the first k steps) counts them.
+DEFAULT_MAX_STEPS = 6
 SAFE_NAME = re.compile(r"[^\w.-]")
 # Columns each converter reads, checked before any record is written so that a wrong source is named at once.
 # A-OKVQA's answer and rationales are optional: its test split is published without them.
@@ -57,7 +69,7 @@ SENTENCE_END = re.compile(
 class Options:
     """How rationales become steps, and which source records are kept."""
 
-    max_steps: int = 6
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS for the image sets; the paper's text sets keep theirs
     max_step_chars: int | None = None
     with_lecture: bool = False
     all_questions: bool = False
@@ -111,8 +123,8 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def limit_steps(steps: Sequence[str], max_steps: int, max_step_chars: int | None = None) -> list[str]:
-    """Merge adjacent steps until there are at most ``max_steps``, never dropping text.
+def limit_steps(steps: Sequence[str], max_steps: int | None, max_step_chars: int | None = None) -> list[str]:
+    """Merge adjacent steps until there are at most ``max_steps`` (None: no limit), never dropping text.
 
     With ``max_step_chars``, consecutive steps are first packed into one while the packed step stays within that
     many characters (a longer step stays on its own, uncut). Then, while there are too many steps, the adjacent
@@ -124,7 +136,7 @@ def limit_steps(steps: Sequence[str], max_steps: int, max_step_chars: int | None
             merged[-1] = f"{merged[-1]} {step}"
         else:
             merged.append(step)
-    while len(merged) > max_steps:
+    while max_steps is not None and len(merged) > max_steps:
         i = min(range(len(merged) - 1), key=lambda k: len(merged[k]) + len(merged[k + 1]))
         merged[i : i + 2] = [f"{merged[i]} {merged[i + 1]}"]
     return merged
@@ -209,20 +221,39 @@ def convert_aokvqa(row: dict[str, Any], split: str, index: int, options: Options
     )
 
 
+def convert_coconut(row: dict[str, Any], split: str, index: int, options: Options) -> Item:
+    """Convert a record of the original Coconut's GSM8k, ProntoQA or ProsQA files (``row["dataset"]`` names which,
+    set by ``coconut_release``): question, steps and answer as published, ids by split and position as the files
+    have none. ProsQA's graph (``idx_to_symbol``, ``edges``, ``root``, ``target``, ``neg_target``) goes into meta
+    for analyses of what the thoughts encode."""
+    dataset = row["dataset"]
+    answer = str(row["answer"]).strip()
+    return Item(
+        id=f"{dataset}-{split}-{index}",
+        image=None,
+        question=row["question"].strip(),
+        steps=[step.strip() for step in row["steps"] if step.strip()],
+        answer=answer or None,
+        choices=[],
+        meta={"dataset": dataset, **{key: row[key] for key in PROSQA_GRAPH if key in row}},
+    )
+
+
 CONVERTERS: dict[str, Callable[[dict[str, Any], str, int, Options], Item]] = {
     "scienceqa": convert_scienceqa,
     "m3cot": convert_m3cot,
     "aokvqa": convert_aokvqa,
+    **dict.fromkeys(COCONUT_FILES, convert_coconut),
 }
 
 
 def skip_reason(item: Item, options: Options) -> str | None:
     """Return why ``item`` cannot become a training record, or None when it can."""
     if item.answer is None:
-        return "no answer among the options"
+        return "no answer among the options" if item.choices else "no answer"
     if not item.steps:
         return "no reasoning steps"
-    if item.image is None and not options.all_questions:
+    if item.image is None and not options.all_questions and item.meta["dataset"] not in COCONUT_FILES:
         return "text-only question (--all-questions keeps it)"
     return None
 
@@ -242,7 +273,7 @@ def require(keys: Iterable[str], needed: Sequence[str], where: str, dataset: str
         if key not in present:
             raise UserError(
                 f"{where} has no column '{key}' (it has: {', '.join(sorted(present))}); "
-                f"is this the {HUB_IDS[dataset]} data set?"
+                f"is this the {HUB_IDS.get(dataset) or COCONUT_FILES[dataset] + '_<split>.json'} data set?"
             )
 
 
@@ -277,6 +308,37 @@ def aokvqa_release(root: Path, coco_root: Path | None) -> dict[str, list[dict[st
             image = coco_root / f"{split}2017" / f"{question['image_id']:012d}.jpg"
             rows.append({**question, "image": image})
         splits[SPLIT_NAMES[split]] = rows
+    return splits
+
+
+def coconut_release(root: Path, dataset: str) -> dict[str, list[dict[str, Any]]]:
+    """Read the original Coconut's ``<prefix>_{train,valid,test}.json`` files of ``dataset`` found in ``root``."""
+    prefix = COCONUT_FILES[dataset]
+    splits = {}
+    for split in ("train", "valid", "test"):
+        file = root / f"{prefix}_{split}.json"
+        if not file.is_file():
+            continue
+        rows = read_json(file)
+        if not isinstance(rows, list):
+            raise UserError(f"{file} is not a JSON list of records; pass the original Coconut's {prefix}_{split}.json")
+        for n, row in enumerate(rows):
+            where = f"record {n} of {file}"
+            require(row if isinstance(row, dict) else {}, COCONUT_KEYS, where, dataset)
+            steps = row["steps"]
+            if not isinstance(row["question"], str) or not (
+                isinstance(steps, list) and all(isinstance(step, str) for step in steps)
+            ):
+                raise UserError(
+                    f"{where}: 'question' must be a string and 'steps' a list of strings; is this the original "
+                    f"{file.name}?"
+                )
+        splits[SPLIT_NAMES[split]] = [{**row, "dataset": dataset} for row in rows]
+    if not splits:
+        raise UserError(
+            f"{root} holds none of {prefix}_train.json, {prefix}_valid.json, {prefix}_test.json; pass the folder "
+            f"with the original Coconut's {dataset} files (see docs/data.md)"
+        )
     return splits
 
 
@@ -351,6 +413,12 @@ def checked_splits(splits: datasets.DatasetDict, dataset: str, source: str) -> d
 def load_source(dataset: str, source: str, coco_root: Path | None) -> dict[str, Iterable[dict[str, Any]]]:
     """Return the rows of each split of ``source``, whichever of the supported formats it is in."""
     path = Path(source)
+    if dataset in COCONUT_FILES:
+        if not path.is_dir():
+            raise UserError(
+                f"--source {source} is not a folder; pass the folder that holds {COCONUT_FILES[dataset]}_<split>.json"
+            )
+        return coconut_release(path, dataset)
     if path.is_dir():
         if dataset == "scienceqa" and (path / "problems.json").is_file():
             return scienceqa_release(path)
@@ -402,6 +470,7 @@ def write_split(
     dataset: str, split: str, rows: Iterable[dict[str, Any]], out_dir: Path, options: Options
 ) -> SplitSummary:
     """Convert one split's rows and write its records file, skipped file and images."""
+    max_steps = options.max_steps or (None if dataset in COCONUT_FILES else DEFAULT_MAX_STEPS)
     summary = SplitSummary(split, out_dir / f"{split}.jsonl", out_dir / f"skipped_{split}.jsonl")
     with (
         summary.records_file.open("w", encoding="utf-8") as records,
@@ -418,9 +487,9 @@ def write_split(
                 "id": item.id,
                 "image": None if item.image is None else save_image(item.image, out_dir, split, item.id),
                 "question": item.question,
-                "steps": limit_steps(item.steps, options.max_steps, options.max_step_chars),
+                "steps": limit_steps(item.steps, max_steps, options.max_step_chars),
                 "answer": item.answer,
-                "choices": item.choices,
+                **({"choices": item.choices} if item.choices else {}),  # open answers (the text sets): none
                 "meta": item.meta,
             }
             records.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -456,7 +525,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--source", required=True, help="hub id, save_to_disk folder, parquet folder or release")
     parser.add_argument("--out", required=True, type=Path, help="folder for <split>.jsonl and images/")
     parser.add_argument("--split", nargs="+", choices=sorted(SPLIT_NAMES), help="default: every split found")
-    parser.add_argument("--max-steps", type=positive_int, default=6, help="merge steps down to this many")
+    parser.add_argument(
+        "--max-steps", type=positive_int, help=f"merge steps down to this many (image sets: {DEFAULT_MAX_STEPS})"
+    )
     parser.add_argument(
         "--max-step-chars", type=positive_int, help="pack adjacent sentences into a step up to this length"
     )

@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> None:
         config = check_parallel(config, info, args.config)
         job = Job(info, device, autocast_context(config, device), Path(config.save_path) / config.name)
         seed_everything(config.seed)
-        if config.generate_demo_data and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
+        if config.generate_demo_data != "none" and not all(
+            Path(p).exists() for p in (config.train_path, config.val_path)
+        ):
             import demo_data
 
             if info.is_main:
-                demo_data.generate(str(Path(config.train_path).parent), config.seed)
+                demo_data.generate(str(Path(config.train_path).parent), config.generate_demo_data, config.seed)
             if info.world_size > 1:
                 dist.barrier()
         model, tokenizer = build_model(config)

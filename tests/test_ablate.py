@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, metrics
 
 SETTINGS = {
-    "generate_demo_data": False,
+    "generate_demo_data": "none",
     "batch_size_training": 8,
     "eval_batch_size": 8,
     "max_new_tokens": 8,

@@ -261,7 +261,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, data_dir):
 
     cmd = [sys.executable, "run.py", "args/demo.yaml", f"train_path={data_dir}/train.jsonl"]
     cmd += [f"val_path={data_dir}/val.jsonl", f"save_path={tmp_path}", "name=full", "resume=auto", "num_epochs=2"]
-    cmd += ["generate_demo_data=false", "batch_size_training=8", "eval_batch_size=8", "max_new_tokens=8"]
+    cmd += ["generate_demo_data=none", "batch_size_training=8", "eval_batch_size=8", "max_new_tokens=8"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
     assert done.returncode == 2
     assert "checkpoint_1.pt: could not write the checkpoint (" in done.stderr and "free disk space" in done.stderr
@@ -279,7 +279,7 @@ def test_a_signal_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, 
 
     monkeypatch.setattr(trainer, "generate_and_score", signalled)
     args = ["args/demo.yaml", f"train_path={data_dir}/train.jsonl", f"val_path={data_dir}/val.jsonl"]
-    args += [f"save_path={tmp_path}", "generate_demo_data=false", "batch_size_training=8", "eval_batch_size=8"]
+    args += [f"save_path={tmp_path}", "generate_demo_data=none", "batch_size_training=8", "eval_batch_size=8"]
     args += ["max_new_tokens=4", "num_epochs=3", "stage_overrides={}", "name=eval"]
     with pytest.raises(SystemExit) as stop:
         run_module.main(args)
@@ -302,7 +302,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir, monke
 
     monkeypatch.setattr(Coconut, "forward", poisoned)
     args = ["args/demo.yaml", f"train_path={data_dir}/train.jsonl", f"val_path={data_dir}/val.jsonl"]
-    args += [f"save_path={tmp_path}", "generate_demo_data=false", "batch_size_training=8", "eval_batch_size=8"]
+    args += [f"save_path={tmp_path}", "generate_demo_data=none", "batch_size_training=8", "eval_batch_size=8"]
     args += ["max_new_tokens=4", "num_epochs=1", "stage_overrides={}"]
     run_module.main(args + ["name=skip"])
     out = capsys.readouterr().out

@@ -60,6 +60,32 @@ def test_open_answers(prediction: str, answer: str, correct: bool) -> None:
     assert is_correct(prediction, answer) is correct
 
 
+@pytest.mark.parametrize(
+    ("generated", "answer", "correct"),
+    [
+        # GSM8k (the original Coconut's gsm_<split>.json): the answer is a number, compared as a number
+        ("<<3*4=12>>\n<<12+6=18>>\n### 18", "18", True),
+        ("### 18.0", "18", True),
+        ("### 1,000", "1000", True),
+        ("### 1000", "1,000", True),
+        ("### 180", "18", False),
+        ("### -18", "18", False),
+        # ProsQA: the answer is the statement naming the reachable concept
+        ("Tom is a terpus.\nEvery terpus is a brimpus.\n### Tom is a lempus.", "Tom is a lempus.", True),
+        ("### Tom is a lempus", "Tom is a lempus.", True),
+        ("### tom is a lempus.", "Tom is a lempus.", True),
+        ("### Tom is a scrompus.", "Tom is a lempus.", False),
+        ("### Tom is not a lempus.", "Tom is a lempus.", False),
+        ("### Tom is a lempus or scrompus.", "Tom is a lempus.", False),
+        # ProntoQA: True or False
+        ("Alex is a wumpus. Every wumpus is a tumpus.\n### False", "False", True),
+        ("### True", "False", False),
+    ],
+)
+def test_paper_text_sets_answers(generated: str, answer: str, correct: bool) -> None:
+    assert is_correct(extract_answer(generated), answer) is correct
+
+
 def test_normalize() -> None:
     assert normalize("The well-known value is 0.50, not 2.") == "well known value is 0.5 not 2"
 
