@@ -26,6 +26,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from byte_tokenizer import byte_level_tokenizer
+from coconut import decoder_of
 from images import Vision
 from utils import UserError
 
@@ -117,7 +118,7 @@ def vision(config: PretrainedConfig) -> Vision | None:
 def sharded_layers(model: PreTrainedModel) -> list[nn.Module]:
     """The layers FSDP2 shards one by one: the decoder's blocks, wherever the architecture keeps them (Qwen2 and
     Llama in `model.layers`, GPT-2 in `transformer.h`): the one ModuleList of `num_hidden_layers` blocks."""
-    decoder, count = model.get_decoder(), model.config.num_hidden_layers
+    decoder, count = decoder_of(model), model.config.num_hidden_layers
     lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == count]
     if len(lists) != 1:
         raise UserError(f"{type(decoder).__name__}: cannot tell which module holds its {count} decoder layers")

@@ -110,7 +110,7 @@ class Coconut(nn.Module):
     @property
     def decoder(self) -> nn.Module:
         """The language model's decoder stack (a property, so its weights are registered once, under `base`)."""
-        return self.base.get_decoder()
+        return decoder_of(self.base)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features scattered into the image-context positions, as InternVL does.
@@ -338,6 +338,14 @@ class Coconut(nn.Module):
             hidden = out.last_hidden_state
             next_pos = next_pos + 1
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack of a `transformers` model, the module that takes `inputs_embeds` and returns
+    `last_hidden_state`. transformers 4.x's `get_decoder` returns a GPT-2 LM head model itself, whose decoder is its
+    base model (`transformer`); 5.x returns that directly."""
+    decoder = model.get_decoder()
+    return model.base_model if decoder is model else decoder
 
 
 class ThoughtProjection(nn.Module):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import torch.nn.functional as F  # noqa: E402
 
 import demo_data  # noqa: E402
-from coconut import LATENT_TOKENS, Coconut, positions_from_mask  # noqa: E402
+from coconut import LATENT_TOKENS, Coconut, decoder_of, positions_from_mask  # noqa: E402
 from internvl import image_seq_length  # noqa: E402
 from models import load_base  # noqa: E402
 
@@ -64,7 +64,7 @@ def plain_hidden(base, embeds, attention_mask, position_ids, pixel_values=None):
         return base.model(
             inputs_embeds=embeds, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-    decoder = base.get_decoder()
+    decoder = decoder_of(base)
     return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
 

@@ -82,7 +82,7 @@ def test_rescaled_thoughts_have_the_embedding_scale(any_base):
 
 def reference_step_loss(model, thoughts_per_row, step_ids, width):
     """Every (row, group) decoded alone: the group's thoughts, then the step, through the language model."""
-    lm, head = model.base.get_decoder(), model.base.get_output_embeddings()
+    lm, head = model.decoder, model.base.get_output_embeddings()
     total, count = 0.0, 0
     for row, thoughts in enumerate(thoughts_per_row):
         for group in range(step_ids.shape[1]):
