@@ -9,14 +9,14 @@ start cell ("from g"); the answer is the colour of the cell reached after three 
 at the current cell and the cell it leads to ("pink h"), so one step is one look at the image, while a direct answer
 has to chain four looks inside the network.
 
-**graph** (text only, args/demo_text.yaml): graph reachability in the spirit of the paper's ProsQA (arXiv
-2412.06769, where latent reasoning helped most). The question lists ten edges "a>f" over one-letter nodes (one
-token each under a byte-level tokenizer), then asks which of two nodes the start reaches: "... from a: m or q?".
-Two disjoint three-edge chains start at a and at another node and end at the two candidates; four more edges lead
-from fresh nodes into the last two nodes of each chain, one each, so both chains look alike. Every node leaves by
-at most one edge, so each step is one lookup, the edge followed ("a>f", "f>k", "k>m"), while the answer ("m")
-needs all three chained: walking back from a candidate branches, and the candidates come in random order. A
-record is 74 characters.
+**graph** (text only, args/demo_text.yaml): pointer chasing in a random graph of 16 nodes a..p where every node
+has one outgoing edge (to another node), the text counterpart of the grid. The question is the graph as a table, the
+k-th letter naming where node k's edge leads ("ehbadcgfkjilnmpo": a>e, b>h, c>b, ...), then a start node: "... from
+c". Each step is one edge followed ("c>b", "b>h", "h>f"), one look-up in the table; the answer is the node reached
+after three edges ("f", one of 16), which a direct answer has to chain three look-ups inside the network for. A
+record is about 40 characters, one token each under the byte-level tokenizer. (A reachability set with distractor
+edges in the spirit of the paper's ProsQA, its edges listed in random order, was tried first: neither tiny-gpt2
+nor tiny-qwen2 learned its content look-ups in 10 CoT epochs, docs/experiments.md.)
 
     python demo_data.py data/grid                  # writes train/val/test .jsonl and images/, seeded
     python demo_data.py data/graph --task graph    # the text set: train/val/test .jsonl
@@ -39,8 +39,7 @@ COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60)
 MOVES = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}
 GRID, CELL, HOPS = 4, 16, 3
 SPLITS = {"train": 8000, "val": 256, "test": 512}
-NODES = "abcdefghijklmnopqrstuvwxyz"
-EXTRA_EDGES = 4  # from fresh nodes, one into each chain's last two nodes: ten edges, the same layout every time
+NODES = "abcdefghijklmnop"  # the graph set's nodes, in the order of its table
 
 
 def cell_name(row: int, column: int) -> str:
@@ -66,19 +65,13 @@ def make_example(rng: random.Random) -> tuple[list[list[str]], dict]:
 
 def make_graph_example(rng: random.Random) -> dict:
     """One random graph question and its record (without id and image)."""
-    names = rng.sample(NODES, 2 * (HOPS + 1) + EXTRA_EDGES)
-    chains = [names[: HOPS + 1], names[HOPS + 1 : 2 * (HOPS + 1)]]
-    edges = [(chain[i], chain[i + 1]) for chain in chains for i in range(HOPS)]
-    # one extra parent for each chain's last two nodes: both chains look alike, walking back from either branches
-    targets = [node for chain in chains for node in chain[2:]]
-    edges += list(zip(names[2 * (HOPS + 1) :], targets))
-    rng.shuffle(edges)
-    path, other = chains
-    candidates = [path[-1], other[-1]]
-    rng.shuffle(candidates)
-    question = " ".join(f"{a}>{b}" for a, b in edges) + f". from {path[0]}: {candidates[0]} or {candidates[1]}?"
-    steps = [f"{path[i]}>{path[i + 1]}" for i in range(HOPS)]
-    return {"question": question, "steps": steps, "answer": path[-1]}
+    table = [rng.choice([m for m in NODES if m != n]) for n in NODES]  # table[k]: where node k's edge leads
+    node = rng.choice(NODES)
+    question, steps = f"{''.join(table)} from {node}", []
+    for _ in range(HOPS):
+        steps.append(f"{node}>{table[NODES.index(node)]}")
+        node = table[NODES.index(node)]
+    return {"question": question, "steps": steps, "answer": node}
 
 
 def draw(grid: list[list[str]]) -> Image.Image:
