@@ -3,6 +3,8 @@ hand, and run.py on demo data."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -19,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch.nn.functional as F  # noqa: E402
 
 import demo_data  # noqa: E402
+import prepare_data  # noqa: E402
 from coconut import LATENT_TOKENS, Coconut, decoder_of, positions_from_mask  # noqa: E402
 from internvl import image_seq_length  # noqa: E402
 from models import load_base  # noqa: E402
@@ -205,3 +208,25 @@ def metrics(folder: Path) -> list[dict]:
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     """The weights of an exported folder."""
     return load_file(folder / "model.safetensors")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file back the way a training loader would."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def prepare(*args: str | Path) -> None:
+    """Run prepare_data.py's command line in-process."""
+    prepare_data.main([str(arg) for arg in args])
+
+
+def prepare_error(*args: str | Path) -> str:
+    """Run prepare_data.py's command line, expecting it to stop on a user error (one `error:` line, exit status 2);
+    return that line."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+        prepare(*args)
+    assert stop.value.code == 2
+    message = stderr.getvalue().splitlines()[-1]
+    assert message.startswith("error: ")
+    return message

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import subprocess
@@ -11,11 +10,11 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import prepare, prepare_error, read_jsonl
 from datasets import Dataset, DatasetDict, Features, List, Value
 from PIL import Image
 
-from prepare_data import limit_steps, main, split_sentences
-from records import load_records
+from prepare_data import limit_steps, split_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,27 +149,6 @@ def scienceqa_hub() -> DatasetDict:
     )
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file back the way a training loader would."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def run(*args: str | Path) -> None:
-    """Run the command line in-process."""
-    main([str(arg) for arg in args])
-
-
-def user_error(*args: str | Path) -> str:
-    """Run the command line, expecting it to stop on a user error (one `error:` line, exit status 2); return it."""
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
-        run(*args)
-    assert stop.value.code == 2
-    message = stderr.getvalue().splitlines()[-1]
-    assert message.startswith("error: ")
-    return message
-
-
 def test_split_sentences_keeps_numbers_and_abbreviations_whole() -> None:
     text = "The mass is 3.5 kg, e.g. Earth's pull.  It falls!\nNext line?  yes, it is.\n\n"
     assert split_sentences(text) == ["The mass is 3.5 kg, e.g. Earth's pull.", "It falls!", "Next line? yes, it is."]
@@ -195,7 +173,7 @@ def test_limit_steps_packs_sentences_up_to_max_step_chars() -> None:
 def test_scienceqa_saved_dataset_dict_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scienceqa_hub().save_to_disk(str(tmp_path / "raw"))
     out = tmp_path / "prepared"
-    run("scienceqa", "--source", tmp_path / "raw", "--out", out)
+    prepare("scienceqa", "--source", tmp_path / "raw", "--out", out)
 
     records = read_jsonl(out / "train.jsonl")
     assert [r["id"] for r in records] == ["scienceqa-train-0", "scienceqa-train-1"]
@@ -248,8 +226,8 @@ def test_scienceqa_parquet_folder_gives_the_same_records(tmp_path: Path) -> None
     hub.save_to_disk(str(tmp_path / "saved"))
     for split, part in hub.items():
         part.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
-    run("scienceqa", "--source", tmp_path / "saved", "--out", tmp_path / "from_saved", "--max-steps", "3")
-    run("scienceqa", "--source", tmp_path / "parquet", "--out", tmp_path / "from_parquet", "--max-steps", "3")
+    prepare("scienceqa", "--source", tmp_path / "saved", "--out", tmp_path / "from_saved", "--max-steps", "3")
+    prepare("scienceqa", "--source", tmp_path / "parquet", "--out", tmp_path / "from_parquet", "--max-steps", "3")
 
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "skipped_train.jsonl"):
         assert (tmp_path / "from_parquet" / name).read_text() == (tmp_path / "from_saved" / name).read_text()
@@ -278,7 +256,7 @@ def scienceqa_release(root: Path) -> None:
 def test_scienceqa_original_release_with_lecture_and_text_only_questions(tmp_path: Path) -> None:
     scienceqa_release(tmp_path / "scienceqa")
     out = tmp_path / "prepared"
-    run(
+    prepare(
         *("scienceqa", "--source", tmp_path / "scienceqa", "--out", out, "--split", "train", "val"),
         *("--with-lecture", "--all-questions", "--max-steps", "10"),
     )
@@ -303,7 +281,7 @@ def test_scienceqa_release_missing_image_names_the_record_and_file(tmp_path: Pat
     scienceqa_release(tmp_path / "scienceqa")
     missing = tmp_path / "scienceqa/images/train/1/image.png"
     missing.unlink()
-    message = user_error("scienceqa", "--source", tmp_path / "scienceqa", "--out", tmp_path / "out")
+    message = prepare_error("scienceqa", "--source", tmp_path / "scienceqa", "--out", tmp_path / "out")
     assert "record scienceqa-1" in message and str(missing) in message
 
 
@@ -349,7 +327,7 @@ def test_m3cot_round_trip(tmp_path: Path) -> None:
         }
     ).save_to_disk(str(tmp_path / "raw"))
     out = tmp_path / "prepared"
-    run("m3cot", "--source", tmp_path / "raw", "--out", out)
+    prepare("m3cot", "--source", tmp_path / "raw", "--out", out)
 
     troll, fuzzy = read_jsonl(out / "train.jsonl")
     assert troll["id"] == "m3cot-physical-commonsense-1398" and troll["answer"] == "B"
@@ -425,7 +403,7 @@ def test_aokvqa_hub_parquet_round_trip(tmp_path: Path) -> None:
             str(tmp_path / "raw" / "data" / f"{split}-00000-of-00001-abc.parquet")
         )
     out = tmp_path / "prepared"
-    run("aokvqa", "--source", tmp_path / "raw", "--out", out)
+    prepare("aokvqa", "--source", tmp_path / "raw", "--out", out)
 
     [record] = read_jsonl(out / "train.jsonl")
     assert record["id"] == "aokvqa-22MexNkBPpdZGX6sxbxVBH"
@@ -458,7 +436,7 @@ def aokvqa_release(root: Path, coco: Path) -> None:
 def test_aokvqa_original_release_with_coco_folder(tmp_path: Path) -> None:
     aokvqa_release(tmp_path / "aokvqa", tmp_path / "coco")
     out = tmp_path / "prepared"
-    run("aokvqa", "--source", tmp_path / "aokvqa", "--out", out, "--coco-root", tmp_path / "coco")
+    prepare("aokvqa", "--source", tmp_path / "aokvqa", "--out", out, "--coco-root", tmp_path / "coco")
 
     [record] = read_jsonl(out / "train.jsonl")
     assert record["steps"] == AOKVQA_STEPS and record["answer"] == "D"
@@ -469,20 +447,20 @@ def test_aokvqa_original_release_with_coco_folder(tmp_path: Path) -> None:
 
 def test_aokvqa_release_without_coco_root_says_how_to_fix(tmp_path: Path) -> None:
     aokvqa_release(tmp_path / "aokvqa", tmp_path / "coco")
-    message = user_error("aokvqa", "--source", tmp_path / "aokvqa", "--out", tmp_path / "out")
+    message = prepare_error("aokvqa", "--source", tmp_path / "aokvqa", "--out", tmp_path / "out")
     assert "--coco-root" in message
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:
     scienceqa_hub().remove_columns("solution").save_to_disk(str(tmp_path / "raw"))
-    message = user_error("scienceqa", "--source", tmp_path / "raw", "--out", tmp_path / "out")
+    message = prepare_error("scienceqa", "--source", tmp_path / "raw", "--out", tmp_path / "out")
     assert "has no column 'solution'" in message and "derek-thomas/ScienceQA" in message
 
 
 def test_folder_in_no_known_format_is_reported(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "notes.txt").write_text("not a data set")
-    message = user_error("m3cot", "--source", tmp_path / "raw", "--out", tmp_path / "out")
+    message = prepare_error("m3cot", "--source", tmp_path / "raw", "--out", tmp_path / "out")
     assert str(tmp_path / "raw") in message and "no dataset_dict.json" in message
 
 
@@ -490,13 +468,15 @@ def test_parquet_files_of_different_data_sets_are_reported(tmp_path: Path) -> No
     scienceqa_hub()["train"].to_parquet(str(tmp_path / "raw" / "train-00000-of-00001.parquet"))
     question = aokvqa_question(image={"bytes": picture(8, 8), "path": None})
     Dataset.from_list([question], features=AOKVQA_FEATURES).to_parquet(str(tmp_path / "raw" / "test.parquet"))
-    message = user_error("aokvqa", "--source", tmp_path / "raw", "--out", tmp_path / "out")
+    message = prepare_error("aokvqa", "--source", tmp_path / "raw", "--out", tmp_path / "out")
     assert f"could not read the parquet files of {tmp_path / 'raw'} as one data set" in message
 
 
 def test_missing_split_is_reported(tmp_path: Path) -> None:
     DatasetDict({"train": scienceqa_hub()["train"]}).save_to_disk(str(tmp_path / "train_only"))
-    message = user_error("scienceqa", "--source", tmp_path / "train_only", "--out", tmp_path / "out", "--split", "test")
+    message = prepare_error(
+        "scienceqa", "--source", tmp_path / "train_only", "--out", tmp_path / "out", "--split", "test"
+    )
     assert "no 'test' split (it has: train)" in message
 
 
@@ -513,115 +493,3 @@ def test_missing_source_folder_is_one_line_without_traceback(tmp_path: Path) -> 
         f"error: source folder {missing} does not exist; "
         "pass an existing folder or a hub id such as derek-thomas/ScienceQA\n"
     )
-
-
-# The original Coconut's text sets, in the layout and schema of its data/ folder: gsm_<split>.json as its
-# preprocessing/gsm_icot.bash writes them from GSM8k-Aug, prontoqa_<split>.json as preprocessing/prontoqa.py writes
-# them, prosqa_<split>.json as published (with the graph).
-GSM = {
-    "train": [
-        {
-            "question": "Ann buys 3 boxes of 4 pens and has 6 pens. How many pens does she have now?",
-            "steps": ["<<3*4=12>>", "<<12+6=18>>"],
-            "answer": "18",
-        },
-        {"question": "A question whose rationale was lost.", "steps": [], "answer": "5"},
-        {
-            "question": "Count to eight, one sum at a time.",
-            "steps": [f"<<{n}+1={n + 1}>>" for n in range(8)],
-            "answer": "8",
-        },
-    ],
-    "valid": [
-        {
-            "question": "A farm has 1,000 hens and sells 250. How many are left?",
-            "steps": ["<<1000-250=750>>"],
-            "answer": "750",
-        }
-    ],
-    "test": [{"question": "What is 2 times 21?", "steps": ["<<2*21=42>>"], "answer": "42"}],
-}
-PRONTOQA = {
-    "question": "Every wumpus is a tumpus. Tumpuses are not sour. Alex is a wumpus. True or false: Alex is sour.",
-    "steps": ["Alex is a wumpus. Every wumpus is a tumpus.", "Alex is a tumpus. Tumpuses are not sour."],
-    "answer": "False",
-}
-PROSQA = {
-    "question": "Tom is a terpus. Every terpus is a brimpus. Every brimpus is a lempus. Every rorpus is a scrompus. "
-    "Is Tom a lempus or scrompus?",
-    "answer": "Tom is a lempus.",
-    "steps": ["Tom is a terpus.", "Every terpus is a brimpus.", "Every brimpus is a lempus."],
-    "idx_to_symbol": ["Tom", "terpus", "brimpus", "lempus", "rorpus", "scrompus"],
-    "edges": [[0, 1], [1, 2], [2, 3], [4, 5]],
-    "root": 0,
-    "target": 3,
-    "neg_target": 5,
-}
-
-
-def write_coconut_files(root: Path, prefix: str, splits: dict[str, list[dict]]) -> Path:
-    """Write `<prefix>_<split>.json` files (JSON lists, as the original Coconut's data/ holds them) into `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        (root / f"{prefix}_{split}.json").write_text(json.dumps(rows), encoding="utf-8")
-    return root
-
-
-def test_gsm8k_files_become_text_records_with_their_steps_unmerged(tmp_path: Path, capsys) -> None:
-    source = write_coconut_files(tmp_path / "coconut-data", "gsm", GSM)
-    run("gsm8k", "--source", source, "--out", tmp_path / "out")
-    train = read_jsonl(tmp_path / "out" / "train.jsonl")
-    assert train[0] == {
-        "id": "gsm8k-train-0",
-        "image": None,
-        "question": GSM["train"][0]["question"],
-        "steps": ["<<3*4=12>>", "<<12+6=18>>"],
-        "answer": "18",
-        "meta": {"dataset": "gsm8k"},
-    }
-    assert train[1]["steps"] == GSM["train"][2]["steps"]  # eight steps: the curriculum counts them, none merged
-    assert read_jsonl(tmp_path / "out" / "skipped_train.jsonl") == [
-        {"id": "gsm8k-train-1", "reason": "no reasoning steps"}
-    ]
-    assert read_jsonl(tmp_path / "out" / "val.jsonl")[0]["answer"] == "750"  # gsm_valid.json is the val split
-    assert read_jsonl(tmp_path / "out" / "test.jsonl")[0]["id"] == "gsm8k-test-0"
-    assert "train: wrote 2 records" in capsys.readouterr().out
-    assert len(load_records(str(tmp_path / "out" / "train.jsonl"))) == 2
-
-
-def test_gsm8k_max_steps_still_merges_when_asked(tmp_path: Path) -> None:
-    source = write_coconut_files(tmp_path / "coconut-data", "gsm", {"train": GSM["train"]})
-    run("gsm8k", "--source", source, "--out", tmp_path / "out", "--max-steps", "3")
-    assert [len(r["steps"]) for r in read_jsonl(tmp_path / "out" / "train.jsonl")] == [2, 3]
-
-
-def test_prontoqa_and_prosqa_files_keep_statements_and_prosqa_graph(tmp_path: Path) -> None:
-    pronto = write_coconut_files(tmp_path / "pronto", "prontoqa", {"valid": [PRONTOQA]})
-    run("prontoqa", "--source", pronto, "--out", tmp_path / "pronto-out")
-    (record,) = read_jsonl(tmp_path / "pronto-out" / "val.jsonl")
-    assert (record["question"], record["steps"], record["answer"]) == (
-        PRONTOQA["question"],
-        PRONTOQA["steps"],
-        "False",
-    )
-    assert record["meta"] == {"dataset": "prontoqa"}
-    prosqa = write_coconut_files(tmp_path / "pros", "prosqa", {"valid": [PROSQA], "test": [PROSQA]})
-    run("prosqa", "--source", prosqa, "--out", tmp_path / "pros-out", "--split", "test")
-    (record,) = read_jsonl(tmp_path / "pros-out" / "test.jsonl")
-    assert record["answer"] == "Tom is a lempus." and record["steps"] == PROSQA["steps"] and record["image"] is None
-    graph = {key: PROSQA[key] for key in ("idx_to_symbol", "edges", "root", "target", "neg_target")}
-    assert record["meta"] == {"dataset": "prosqa", **graph}
-    assert not (tmp_path / "pros-out" / "val.jsonl").exists()
-
-
-def test_coconut_folder_without_its_files_or_with_a_wrong_record_is_one_line(tmp_path: Path) -> None:
-    message = user_error("gsm8k", "--source", tmp_path, "--out", tmp_path / "out")
-    assert "holds none of gsm_train.json, gsm_valid.json, gsm_test.json" in message
-    broken = write_coconut_files(tmp_path / "broken", "prosqa", {"train": [PROSQA, {"question": "q", "answer": "a"}]})
-    message = user_error("prosqa", "--source", broken, "--out", tmp_path / "out")
-    assert f"record 1 of {broken / 'prosqa_train.json'} has no column 'steps'" in message
-    write_coconut_files(broken, "prosqa", {"train": [{**PROSQA, "steps": "Tom is a terpus."}]})
-    message = user_error("prosqa", "--source", broken, "--out", tmp_path / "out")
-    assert "record 0 of" in message and "'steps' a list of strings; is this the original prosqa_train.json?" in message
-    message = user_error("prontoqa", "--source", tmp_path / "nowhere", "--out", tmp_path / "out")
-    assert "is not a folder; pass the folder that holds prontoqa_<split>.json" in message
