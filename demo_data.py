@@ -69,8 +69,9 @@ def make_graph_example(rng: random.Random) -> dict:
     node = rng.choice(NODES)
     question, steps = f"{''.join(table)} from {node}", []
     for _ in range(HOPS):
-        steps.append(f"{node}>{table[NODES.index(node)]}")
-        node = table[NODES.index(node)]
+        nxt = table[NODES.index(node)]
+        steps.append(f"{node}>{nxt}")
+        node = nxt
     return {"question": question, "steps": steps, "answer": node}
 
 
