@@ -202,7 +202,7 @@ def run(args: list[str], folder: Path, data: Path, *overrides: str, nproc: int =
 
 def metrics(folder: Path) -> list[dict]:
     """The epoch lines of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(folder / "metrics.jsonl")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
