@@ -1,9 +1,11 @@
-"""Where a process sits in a torchrun job, and what that changes: joining the job, the `Job` every part of a run
-reads, wrapping the model for DDP or FSDP2 (and `unwrap`), bf16 autocast, and collecting values from every rank."""
+"""Where a process sits in a torchrun job, and what that changes: joining and leaving the job, the `Job` every part
+of a run reads, wrapping the model for DDP or FSDP2 (and `unwrap`), bf16 autocast, and collecting values from every
+rank."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -86,6 +88,21 @@ def setup_distributed(config: Config) -> tuple[DistInfo, torch.device]:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return info, device
+
+
+def leave_distributed(finished: bool) -> None:
+    """Leave the torchrun job, if this process joined one.
+
+    A rank that `finished` first waits for the others, so no rank shuts its connections while a peer is still
+    writing the final export; collecting garbage first frees the wrapped model's process-group handles while the
+    interpreter is alive (gloo aborts the process when they are freed during its shutdown).
+    """
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def check_parallel(config: Config, info: DistInfo, path: str) -> Config:

@@ -9,6 +9,7 @@ This file sets up the job (config, processes, model, parallel wrapping); trainer
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from coconut import Coconut
 from config import Config, config_parser, load_config
 from curriculum import Schedule
 from dataset import CoconutDataset
-from distributed import Job, autocast_context, check_parallel, parallelize, setup_distributed
+from distributed import Job, autocast_context, check_parallel, leave_distributed, parallelize, setup_distributed
 from evaluate import generate_and_score, write_evaluation
 from models import build_model, encoding_for, sharded_layers
 from utils import UserError, entry_point, seed_everything
@@ -40,38 +41,42 @@ def evaluate_only(config: Config, job: Job, model: Coconut, tokenizer: PreTraine
         print(json.dumps(write_evaluation(job.folder, rows, prompts.stage, config.val_path)))
 
 
+def run_job(args: argparse.Namespace) -> None:
+    """Set up this process's part of the job from the parsed command line, then train or evaluate."""
+    config = load_config(args.config, args.overrides)
+    info, device = setup_distributed(config)
+    config = check_parallel(config, info, args.config)
+    job = Job(info, device, autocast_context(config, device), Path(config.save_path) / config.name)
+    seed_everything(config.seed)
+    if config.generate_demo_data != "none" and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
+        import demo_data
+
+        if info.is_main:
+            demo_data.generate(str(Path(config.train_path).parent), config.generate_demo_data, config.seed)
+        if info.world_size > 1:
+            dist.barrier()
+    model, tokenizer = build_model(config)
+    if config.only_eval:
+        evaluate_only(config, job, model, tokenizer)
+    else:
+        encoding = encoding_for(model.base, tokenizer, config)
+        train_data = CoconutDataset.from_file(config.train_path, encoding, training=True)
+        data = (train_data, CoconutDataset.from_file(config.val_path, encoding))
+        job.folder.mkdir(parents=True, exist_ok=True)
+        model = parallelize(model, config, device, sharded_layers(model.base))
+        trainer.train(config, job, model, tokenizer, data)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     """`python run.py CONFIG [key=value ...]`: train through the curriculum, or evaluate with only_eval."""
     args = config_parser("Train or evaluate Coconut on InternVL or a text causal LM.").parse_args(argv)
+    finished = False
     try:
-        config = load_config(args.config, args.overrides)
-        info, device = setup_distributed(config)
-        config = check_parallel(config, info, args.config)
-        job = Job(info, device, autocast_context(config, device), Path(config.save_path) / config.name)
-        seed_everything(config.seed)
-        if config.generate_demo_data != "none" and not all(
-            Path(p).exists() for p in (config.train_path, config.val_path)
-        ):
-            import demo_data
-
-            if info.is_main:
-                demo_data.generate(str(Path(config.train_path).parent), config.generate_demo_data, config.seed)
-            if info.world_size > 1:
-                dist.barrier()
-        model, tokenizer = build_model(config)
-        if config.only_eval:
-            evaluate_only(config, job, model, tokenizer)
-        else:
-            encoding = encoding_for(model.base, tokenizer, config)
-            train_data = CoconutDataset.from_file(config.train_path, encoding, training=True)
-            data = (train_data, CoconutDataset.from_file(config.val_path, encoding))
-            job.folder.mkdir(parents=True, exist_ok=True)
-            model = parallelize(model, config, device, sharded_layers(model.base))
-            trainer.train(config, job, model, tokenizer, data)
+        run_job(args)  # returns before the job is left, so the model and its process-group handles are freed first
+        finished = True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed(finished)
 
 
 if __name__ == "__main__":
