@@ -84,10 +84,20 @@ def tiny_model(
     model_id: str, attn_implementation: str | None
 ) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerFast]:
     """The tiny random InternVL (`model_id` "tiny", the one of TINY_IDS; float32) and its byte-level tokenizer,
-    built offline."""
+    built offline.
+
+    transformers starts InternViT's position embeddings at zero, which a pretrained checkpoint never has: two cells
+    of one colour would then enter the language model as the same token, and the tiny model learns to find a cell
+    by where the question sits rather than by what its token holds (docs/experiments.md). They start like the
+    tower's other weights here, N(0, initializer_range = 0.02), under the run's seed.
+    """
     tokenizer = build_tiny_tokenizer()
     config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN))
-    return InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation), tokenizer
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    torch.nn.init.normal_(
+        model.model.vision_tower.embeddings.position_embeddings, std=config.vision_config.initializer_range
+    )
+    return model, tokenizer
 
 
 def image_seq_length(config: InternVLConfig) -> int:
