@@ -5,9 +5,13 @@ Both take exactly three steps, one curriculum stage each, and come in the same s
 **grid** (images, args/demo.yaml). Each 64-px image is a 4 x 4 grid of coloured cells, one 16-px cell per vision
 token of the tiny model. Every colour is an arrow: pink moves right, blue down, lime left, gold up (wrapping around
 the edges). Cells are named by one letter, row by row (a b c d / e f g h / i j k l / m n o p). The question gives a
-start cell ("from g"); the answer is the colour of the cell reached after three moves. Each step is the colour read
-at the current cell and the cell it leads to ("pink h"), so one step is one look at the image, while a direct answer
-has to chain four looks inside the network.
+start cell in one of six phrasings ("from i", "start at i", ...); the answer is the cell reached after three moves
+(one of 16). Each step restates the cell it starts from, then the colour read there and the cell it leads to
+("i lime l"), so one step is one look at the image, while a direct answer has to chain three looks inside the
+network. Written so, the steps are the text set's: after a continuous thought the next written step starts by
+copying its cell out of the thought and reads the image from that written letter, as in CoT, and the answer is the
+last cell, not one more read; the varied phrasings keep the model from learning reads bound to where the question
+sits (docs/experiments.md has the measurements behind both).
 
 **graph** (text only, args/demo_text.yaml): pointer chasing in a random graph of 16 nodes a..p where every node
 has one outgoing edge (to another node), the text counterpart of the grid. The question is the graph as a table, the
@@ -37,6 +41,7 @@ from utils import entry_point
 # four-letter names: every example then has its tokens at the same positions, which a tiny model learns faster
 COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60), "gold": (230, 180, 30)}
 MOVES = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}
+TEMPLATES = ("from {}", "go from {}", "start at {}", "starting from {}", "begin at {}", "at {}")
 GRID, CELL, HOPS = 4, 16, 3
 SPLITS = {"train": 8000, "val": 256, "test": 512}
 NODES = "abcdefghijklmnop"  # the graph set's nodes, in the order of its table
@@ -53,14 +58,14 @@ def make_example(rng: random.Random) -> tuple[list[list[str]], dict]:
     """One random grid and its record (without id and image path)."""
     grid = [[rng.choice(list(COLOURS)) for _ in range(GRID)] for _ in range(GRID)]
     r, c = rng.randrange(GRID), rng.randrange(GRID)
-    question = f"from {cell_name(r, c)}"
+    question = rng.choice(TEMPLATES).format(cell_name(r, c))
     steps = []
     for _ in range(HOPS):
-        colour = grid[r][c]
+        colour, start = grid[r][c], cell_name(r, c)
         dr, dc = MOVES[colour]
         r, c = (r + dr) % GRID, (c + dc) % GRID
-        steps.append(f"{colour} {cell_name(r, c)}")
-    return grid, {"question": question, "steps": steps, "answer": grid[r][c]}
+        steps.append(f"{start} {colour} {cell_name(r, c)}")
+    return grid, {"question": question, "steps": steps, "answer": cell_name(r, c)}
 
 
 def make_graph_example(rng: random.Random) -> dict:

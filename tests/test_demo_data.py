@@ -1,4 +1,4 @@
-"""The demo sets of demo_data.py: the text graph set checked against a walk of its own."""
+"""The demo sets of demo_data.py, each checked against a walk of its own (the grid's read off its images)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,33 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import demo_data
 from internvl import build_tiny_tokenizer
 from records import load_records
+
+
+def test_grid_steps_restate_their_cell_and_the_answer_is_the_cell_reached(tmp_path: Path) -> None:
+    demo_data.generate(str(tmp_path), seed=3, sizes={"train": 200})
+    arrows = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}  # right, down, left, up
+    rgb = {(240, 110, 180): "pink", (40, 80, 220): "blue", (80, 200, 60): "lime", (230, 180, 30): "gold"}
+    records = load_records(str(tmp_path / "train.jsonl"))
+    for record in records:
+        image = Image.open(tmp_path / record["image"]).convert("RGB")
+        assert image.size == (64, 64)
+        colour = [[rgb[image.getpixel((16 * c + 8, 16 * r + 8))] for c in range(4)] for r in range(4)]
+        cells = "abcdefghijklmnop"
+        r, c = divmod(cells.index(record["question"][-1]), 4)
+        steps = []
+        for _ in range(3):
+            left, read = cells[4 * r + c], colour[r][c]
+            r, c = (r + arrows[read][0]) % 4, (c + arrows[read][1]) % 4
+            steps.append(f"{left} {read} {cells[4 * r + c]}")
+        assert record["steps"] == steps and record["answer"] == cells[4 * r + c]
+    # the phrasings vary, so no reading position is fixed; the answers spread over the cells
+    assert len({record["question"][:-1] for record in records}) == 6
+    assert len({record["answer"] for record in records}) == 16
 
 
 def test_graph_set_needs_three_chained_lookups_and_answers_the_node_reached(tmp_path: Path) -> None:
