@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from config import DEMO_SETS
 from utils import entry_point
 
-# four-letter names: every example then has its tokens at the same positions, which a tiny model learns faster
+# four-letter names: every step then has its tokens at the same offsets, which a tiny model learns faster
 COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60), "gold": (230, 180, 30)}
 MOVES = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}
 TEMPLATES = ("from {}", "go from {}", "start at {}", "starting from {}", "begin at {}", "at {}")
