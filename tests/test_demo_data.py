@@ -18,12 +18,12 @@ def test_grid_steps_restate_their_cell_and_the_answer_is_the_cell_reached(tmp_pa
     demo_data.generate(str(tmp_path), seed=3, sizes={"train": 200})
     arrows = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}  # right, down, left, up
     rgb = {(240, 110, 180): "pink", (40, 80, 220): "blue", (80, 200, 60): "lime", (230, 180, 30): "gold"}
+    cells = "abcdefghijklmnop"  # row by row
     records = load_records(str(tmp_path / "train.jsonl"))
     for record in records:
         image = Image.open(tmp_path / record["image"]).convert("RGB")
         assert image.size == (64, 64)
         colour = [[rgb[image.getpixel((16 * c + 8, 16 * r + 8))] for c in range(4)] for r in range(4)]
-        cells = "abcdefghijklmnop"
         r, c = divmod(cells.index(record["question"][-1]), 4)
         steps = []
         for _ in range(3):
