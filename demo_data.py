@@ -36,7 +36,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from config import DEMO_SETS
-from utils import entry_point
+from utils import UserError, entry_point
 
 # four-letter names: every step then has its tokens at the same offsets, which a tiny model learns faster
 COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60), "gold": (230, 180, 30)}
@@ -45,6 +45,7 @@ TEMPLATES = ("from {}", "go from {}", "start at {}", "starting from {}", "begin 
 GRID, CELL, HOPS = 4, 16, 3
 SPLITS = {"train": 8000, "val": 256, "test": 512}
 NODES = "abcdefghijklmnop"  # the graph set's nodes, in the order of its table
+MANIFEST = "demo_data.json"  # which set and seed a folder holds, for `check`
 
 
 def cell_name(row: int, column: int) -> str:
@@ -80,6 +81,11 @@ def make_graph_example(rng: random.Random) -> dict:
     return {"question": question, "steps": steps, "answer": node}
 
 
+def make_record(task: str, rng: random.Random) -> tuple[list[list[str]] | None, dict]:
+    """One record of set `task` (without id and image path) and, for the grid, its grid."""
+    return make_example(rng) if task == "grid" else (None, make_graph_example(rng))
+
+
 def draw(grid: list[list[str]]) -> Image.Image:
     """The grid as a 64 x 64 RGB image."""
     image = Image.new("RGB", (GRID * CELL, GRID * CELL))
@@ -99,14 +105,30 @@ def generate(folder: str, task: str = "grid", seed: int = 0, sizes: dict[str, in
     for split, count in sizes.items():
         lines = []
         for k in range(count):
-            if task == "grid":
-                grid, record = make_example(rng)
-                image = f"images/{split}-{k:05d}.png"
+            grid, record = make_record(task, rng)
+            image = f"images/{split}-{k:05d}.png" if grid else None
+            if grid:
                 draw(grid).save(root / image)
-            else:
-                record, image = make_graph_example(rng), None
             lines.append(json.dumps({"id": f"{split}-{k:05d}", "image": image, **record}))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / MANIFEST).write_text(json.dumps({"task": task, "seed": seed}) + "\n")
+
+
+def check(folder: str, task: str) -> None:
+    """Raise UserError unless `folder` holds demo set `task` as this generator writes it: its manifest names the
+    task, and the first training record is the one the manifest's seed gives now (a set written by an earlier
+    format of the generator fails here instead of training a run on the wrong task)."""
+    root = Path(folder)
+    fix = f"delete {folder} and the run writes the current set (or set generate_demo_data: none to train on it)"
+    manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).exists() else {}
+    if manifest.get("task") != task:
+        raise UserError(f"{root / MANIFEST}: {folder} does not hold the {task} set of this demo_data.py; {fix}")
+    expected = make_record(task, random.Random(manifest["seed"]))[1]
+    first = json.loads((root / "train.jsonl").read_text().split("\n", 1)[0])
+    if {key: first.get(key) for key in expected} != expected:
+        raise UserError(
+            f"{root / 'train.jsonl'}: record 1 is not what this demo_data.py writes (an earlier format); {fix}"
+        )
 
 
 @entry_point

@@ -48,13 +48,15 @@ def run_job(args: argparse.Namespace) -> None:
     config = check_parallel(config, info, args.config)
     job = Job(info, device, autocast_context(config, device), Path(config.save_path) / config.name)
     seed_everything(config.seed)
-    if config.generate_demo_data != "none" and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
+    if config.generate_demo_data != "none":
         import demo_data
 
-        if info.is_main:
-            demo_data.generate(str(Path(config.train_path).parent), config.generate_demo_data, config.seed)
+        folder = str(Path(config.train_path).parent)
+        if info.is_main and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
+            demo_data.generate(folder, config.generate_demo_data, config.seed)
         if info.world_size > 1:
             dist.barrier()
+        demo_data.check(folder, config.generate_demo_data)
     model, tokenizer = build_model(config)
     if config.only_eval:
         evaluate_only(config, job, model, tokenizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -10,8 +12,10 @@ import pytest
 from PIL import Image
 
 import demo_data
+import run
 from internvl import build_tiny_tokenizer
 from records import load_records
+from utils import UserError
 
 
 def test_grid_steps_restate_their_cell_and_the_answer_is_the_cell_reached(tmp_path: Path) -> None:
@@ -74,3 +78,27 @@ def test_command_line_writes_the_named_set_in_the_demo_split_sizes(
     for split, count in {"train": 8000, "val": 256, "test": 512}.items():
         rows = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
         assert len(rows) == count and rows[0]["id"] == f"{split}-00000" and rows[0]["image"] is None
+
+
+def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "grid"
+    demo_data.generate(str(folder), seed=3, sizes={"train": 4, "val": 2})
+    demo_data.check(str(folder), "grid")  # as written: accepted
+    with pytest.raises(UserError, match="does not hold the graph set"):
+        demo_data.check(str(folder), "graph")
+    # the format before 2026-12-02: steps without the restated cell ("lime l"), the answer a colour
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    old = json.loads(lines[0])
+    old |= {"steps": [step.split(" ", 1)[1] for step in old["steps"]], "answer": "blue"}
+    (folder / "train.jsonl").write_text("\n".join([json.dumps(old), *lines[1:]]) + "\n")
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+        run.main(["args/demo.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl"])
+    assert stop.value.code == 2
+    assert stderr.getvalue().splitlines() == [
+        f"error: {folder}/train.jsonl: record 1 is not what this demo_data.py writes (an earlier format); delete "
+        f"{folder} and the run writes the current set (or set generate_demo_data: none to train on it)"
+    ]
+    (folder / demo_data.MANIFEST).unlink()  # a set written before the manifest existed
+    with pytest.raises(UserError, match="does not hold the grid set"):
+        demo_data.check(str(folder), "grid")
