@@ -53,7 +53,7 @@ def run_job(args: argparse.Namespace) -> None:
 
         folder = str(Path(config.train_path).parent)
         if info.is_main and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
-            demo_data.generate(folder, config.generate_demo_data, config.seed)
+            demo_data.generate(folder, config.generate_demo_data)  # one set for every seed of the run
         if info.world_size > 1:
             dist.barrier()
         demo_data.check(folder, config.generate_demo_data)
