@@ -93,7 +93,8 @@ def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: P
     (folder / "train.jsonl").write_text("\n".join([json.dumps(old), *lines[1:]]) + "\n")
     stderr = io.StringIO()
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
-        run.main(["args/demo.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl"])
+        run.main(["args/demo.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl",
+                  f"save_path={tmp_path}"])  # fmt: skip
     assert stop.value.code == 2
     assert stderr.getvalue().splitlines() == [
         f"error: {folder}/train.jsonl: record 1 is not what this demo_data.py writes (an earlier format); delete "
