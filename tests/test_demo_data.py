@@ -103,3 +103,14 @@ def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: P
     (folder / demo_data.MANIFEST).unlink()  # a set written before the manifest existed
     with pytest.raises(UserError, match="does not hold the grid set"):
         demo_data.check(str(folder), "grid")
+
+
+def test_runs_of_every_seed_share_the_demo_set_of_seed_0(tmp_path: Path) -> None:
+    folder = tmp_path / "graph"
+    # only_eval without a checkpoint stops the run with its error line just after the set is written
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        run.main(["args/demo_text.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl",
+                  "seed=3", "only_eval=true", f"save_path={tmp_path}"])  # fmt: skip
+    demo_data.generate(str(tmp_path / "seed-0"), "graph", seed=0)
+    for split in ("train", "val", "test"):
+        assert (folder / f"{split}.jsonl").read_bytes() == (tmp_path / "seed-0" / f"{split}.jsonl").read_bytes()
