@@ -4,9 +4,10 @@
     python ablate.py args/ablation.yaml --only paper     # just these variants (the table covers every finished one)
 
 The spec names the run config, the seeds, the folder, overrides shared by every run and the variants (each a
-mapping of overrides, in run.py's keys). Each (variant, seed) trains as its own `python run.py` process in
-`<save_path>/<variant>/seed<k>` with `resume=auto`: an interrupted ablation continues where it stopped, and a
-finished run is not trained again. `<save_path>/ablation.md` and `ablation.png` are rewritten after every run.
+mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key). Each
+(variant, seed) trains as its own `python run.py` process in `<save_path>/<variant>/seed<k>` with `resume=auto`:
+an interrupted ablation continues where it stopped, and a finished run is not trained again.
+`<save_path>/ablation.md` and `ablation.png` are rewritten after every run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def read_spec(path: Path) -> dict:
         raise UserError(f"{path}: seeds must be a list of integers")
     if not isinstance(spec["variants"], dict) or not all(isinstance(v, dict) for v in spec["variants"].values()):
         raise UserError(f"{path}: variants must map each name to a mapping of overrides ({{}} for none)")
+    for name, values in [("overrides", spec.get("overrides", {})), *spec["variants"].items()]:
+        stages = values.get("stage_overrides", {})
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise UserError(f"{path}: {name}: stage_overrides must map stage numbers to mappings of keys")
     return {"save_path": "checkpoints/ablation", "overrides": {}} | spec
 
 
@@ -47,6 +52,18 @@ def override_args(values: dict) -> list[str]:
             for key, value in values.items()]  # fmt: skip
 
 
+def run_overrides(spec: dict, variant: str) -> dict:
+    """The overrides of one variant's runs: the shared ones, then the variant's. A variant's stage_overrides change
+    the shared ones key by key within each stage, so a variant names only what it changes."""
+    shared, own = spec["overrides"], spec["variants"][variant]
+    values = shared | own
+    if "stage_overrides" in own:
+        base, change = shared.get("stage_overrides", {}), own["stage_overrides"]
+        stages = sorted(base.keys() | change.keys())
+        values["stage_overrides"] = {s: base.get(s, {}) | change.get(s, {}) for s in stages}
+    return values
+
+
 def train(spec: dict, variant: str, seed: int) -> Path:
     """Train (or finish) one variant at one seed and return its folder. Its minutes add up over resumed runs."""
     folder = Path(spec["save_path"]) / variant / f"seed{seed}"
@@ -54,7 +71,7 @@ def train(spec: dict, variant: str, seed: int) -> Path:
     done = json.loads(status.read_text()) if status.exists() else {"finished": False, "minutes": 0.0}
     if done["finished"]:
         return folder
-    values = spec["overrides"] | spec["variants"][variant] | {"seed": seed, "resume": "auto"}
+    values = run_overrides(spec, variant) | {"seed": seed, "resume": "auto"}
     values |= {"save_path": str(folder.parent), "name": folder.name}
     command = [sys.executable, str(Path(__file__).with_name("run.py")), spec["config"], *override_args(values)]
     print(f"ablation: {variant}, seed {seed}", flush=True)

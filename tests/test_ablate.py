@@ -10,6 +10,8 @@ import sys
 import yaml
 from conftest import ROOT, metrics
 
+import ablate
+
 SETTINGS = {
     "generate_demo_data": "none",
     "batch_size_training": 8,
@@ -22,7 +24,7 @@ SETTINGS = {
 }
 
 
-def ablate(spec, *args):
+def run_ablate(spec, *args):
     return subprocess.run(
         [sys.executable, str(ROOT / "ablate.py"), str(spec), *args],
         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
@@ -40,11 +42,11 @@ def test_ablation_trains_each_variant_and_seed_once_and_tabulates(tmp_path, data
     }
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(spec))
-    first = ablate(path, "--only", "steps")
+    first = run_ablate(path, "--only", "steps")
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.count("ablation: steps") == 2 and "ablation: paper" not in first.stdout
     assert "thought_loss" in metrics(tmp_path / "runs" / "steps" / "seed1")[-1]
-    second = ablate(path)  # the finished variant is not trained again
+    second = run_ablate(path)  # the finished variant is not trained again
     assert second.returncode == 0, second.stderr[-2000:]
     assert "ablation: steps" not in second.stdout and second.stdout.count("ablation: paper") == 2
     table = (tmp_path / "runs" / "ablation.md").read_text().splitlines()
@@ -56,8 +58,20 @@ def test_ablation_trains_each_variant_and_seed_once_and_tabulates(tmp_path, data
 def test_a_bad_spec_stops_with_one_line(tmp_path):
     path = tmp_path / "ablation.yaml"
     path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {}}\nlr: 1\n")
-    bad = ablate(path)
+    bad = run_ablate(path)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "\n" not in bad.stderr.strip()
     path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {}}\n")
-    unknown = ablate(path, "--only", "b")
+    unknown = run_ablate(path, "--only", "b")
     assert unknown.returncode == 2 and "--only b: no such variant" in unknown.stderr
+    path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {stage_overrides: {1: 0.5}}}\n")
+    stages = run_ablate(path)
+    assert stages.returncode == 2 and "a: stage_overrides must map stage numbers to mappings" in stages.stderr
+
+
+def test_a_variant_changes_the_shared_stage_overrides_key_by_key():
+    spec = ablate.read_spec(ROOT / "args" / "ablation.yaml")
+    shared = spec["overrides"]["stage_overrides"]
+    paper = ablate.run_overrides(spec, "paper")
+    assert paper["thought_loss_weight"] == 0.0 and paper["load_model_path"] == spec["overrides"]["load_model_path"]
+    assert paper["stage_overrides"] == shared | {1: shared[1] | {"uniform_prob": 0.0}}
+    assert ablate.run_overrides(spec, "rescaled")["stage_overrides"] == shared
