@@ -236,9 +236,9 @@ def bench_generate(
 def bench_data(
     case: Case, tokenizer: PreTrainedTokenizerBase, records: int, warmup: int, repeats: int, batch: int = 32
 ) -> list[dict]:
-    """The data loader on demo_data's set (64-px images, one tile each; stage 3 of args/demo.yaml: three latents)
-    against the tiny InternVL's Coconut step on the loader's own first batch; and, for reference, the loader
-    on 896 x 672 PNGs cut into InternVL's 448-px tiles (12 + thumbnail)."""
+    """The data loader on demo_data's set (64-px images, one tile each; stage 3 with one thought per step: three
+    latents) against the tiny InternVL's Coconut step on the loader's own first batch; and, for reference, the
+    loader on 896 x 672 PNGs cut into InternVL's 448-px tiles (12 + thumbnail)."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         demo_data.generate(folder, seed=0, sizes={"train": records})
