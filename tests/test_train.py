@@ -59,7 +59,7 @@ def test_curriculum_metrics_and_export(tmp_path, data_dir):
 def test_a_text_model_trains_resumes_exports_and_answers(tmp_path, data_dir, text_data_dir, capsys):
     """run.py on tiny-gpt2 with text-only records: the curriculum, a resumed last epoch that ends on the same
     weights, an export that `AutoModelForCausalLM` loads, and infer.py's question without an image."""
-    settings = ["model_id=tiny-gpt2", "keep_checkpoints=2"]
+    settings = ["model_id=tiny-gpt2", "keep_checkpoints=2", "c_thought=1"]
     run(["name=text", *settings], tmp_path, text_data_dir)
     out = tmp_path / "text"
     assert [m["stage"] for m in metrics(out)] == [0, 1, 2]
