@@ -17,8 +17,8 @@ import os
 import random
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,12 +36,23 @@ from transformers import PreTrainedTokenizerBase
 from distributed import dist_info, gather_objects, unwrap
 from utils import UserError, atomic_write_text
 
-if TYPE_CHECKING:  # trainer.py imports this module
-    from trainer import Progress
-
 PROJECTION_FILE = "thought_projection.safetensors"  # an exported `projected` model's thought projection
 PROJECTION_PREFIX = "projection."  # its parameters' names in Coconut's state dict
 _NAME = re.compile(r"checkpoint_(\d+)(?:_micro(\d+))?\.pt$")
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint must hold, besides weights and optimizer, to continue a run exactly."""
+
+    epoch: int = 0  # the epoch in progress
+    micro: int = 0  # micro-batches of that epoch already trained
+    step: int = 0  # optimizer steps since the last optimizer reset (drives the schedule)
+    best: float = -1.0  # best validation accuracy so far
+    losses: list[float] = field(default_factory=list)  # this epoch's micro-batch losses so far
+    thought_losses: list[float] = field(default_factory=list)  # and their step-supervision losses, when trained
+    samples: int = 0  # this epoch's samples so far on this rank
+    bad_steps: int = 0  # non-finite steps in a row
 
 
 def rng_state() -> dict:

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from config import Config
-
-if TYPE_CHECKING:  # dataset.py imports this module
-    from dataset import TokenizedRecord
 
 
 def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
@@ -38,18 +34,6 @@ def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
 def has_markers(config: Config) -> bool:
     """Whether sequences carry <|start-latent|> and <|end-latent|>: in coconut mode, unless no_thoughts."""
     return config.coconut and not config.no_thoughts
-
-
-def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
-    """The length of the longest training sequence the record gives at any stage: stage 0 for cot and no_cot,
-    stages 0..max_latent_stage for coconut, each laid out by `stage_plan` as `CoconutDataset` builds it (markers,
-    that stage's latents, the steps it keeps). Later stages and uniform_prob's draws give nothing longer: past
-    max_latent_stage every step goes and the latent count stays at its maximum."""
-    last = config.max_latent_stage if config.coconut else 0
-    plans = (stage_plan(stage, len(tokens.steps), config) for stage in range(last + 1))
-    middle = max(latents + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
-    markers = 2 if has_markers(config) else 0
-    return len(tokens.prompt) + markers + middle + len(tokens.answer)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from coconut import LATENT_TOKENS
 from config import Config
-from curriculum import has_markers, longest_sequence, stage_plan
+from curriculum import has_markers, stage_plan
 from images import TileCache, Vision, image_file, image_paths, num_tiles, tile_image, tiles_to_tensor, to_rgb
 from records import load_records, record_name
 from scoring import ANSWER_MARK
@@ -78,6 +78,18 @@ def tokenize_record(record: dict, where: str, source: str, encoding: Encoding) -
         answer = tokenizer.encode(f"{ANSWER_MARK} {record['answer']}", add_special_tokens=False)
         answer.append(tokenizer.eos_token_id)
     return TokenizedRecord(prompt, steps, answer, paths, counts)
+
+
+def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
+    """The length of the longest training sequence the record gives at any stage: stage 0 for cot and no_cot,
+    stages 0..max_latent_stage for coconut, each laid out by `stage_plan` as `CoconutDataset` builds it (markers,
+    that stage's latents, the steps it keeps). Later stages and uniform_prob's draws give nothing longer: past
+    max_latent_stage every step goes and the latent count stays at its maximum."""
+    last = config.max_latent_stage if config.coconut else 0
+    plans = (stage_plan(stage, len(tokens.steps), config) for stage in range(last + 1))
+    middle = max(latents + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
+    markers = 2 if has_markers(config) else 0
+    return len(tokens.prompt) + markers + middle + len(tokens.answer)
 
 
 class CoconutDataset(torch.utils.data.Dataset):

@@ -21,22 +21,19 @@ after three edges ("f", one of 16), which a direct answer has to chain three loo
 record is about 40 characters, one token each under the byte-level tokenizer. (A reachability set with distractor
 edges in the spirit of the paper's ProsQA, its edges listed in random order, was tried first: neither tiny-gpt2
 nor tiny-qwen2 learned its content look-ups in 10 CoT epochs, docs/experiments.md.)
-
-    python demo_data.py data/grid                  # writes train/val/test .jsonl and images/, seeded
-    python demo_data.py data/graph --task graph    # the text set: train/val/test .jsonl
+`run.py` writes a config's set on first run (`generate_demo_data`); `python tools/make_demo_data.py` writes one
+anywhere.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from config import DEMO_SETS
-from utils import UserError, entry_point
+from utils import UserError
 
 # four-letter names: every step then has its tokens at the same offsets, which a tiny model learns faster
 COLOURS = {"pink": (240, 110, 180), "blue": (40, 80, 220), "lime": (80, 200, 60), "gold": (230, 180, 30)}
@@ -130,19 +127,3 @@ def check(folder: str, task: str) -> None:
         raise UserError(
             f"{root / 'train.jsonl'}: record 1 is not what this demo_data.py writes (an earlier format); {fix}"
         )
-
-
-@entry_point
-def main() -> None:
-    """`python demo_data.py FOLDER [--task grid|graph] [--seed N]`: write a demo set."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder")
-    parser.add_argument("--task", choices=DEMO_SETS, default="grid")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    generate(args.folder, args.task, args.seed)
-    print(f"wrote {', '.join(f'{n} {s}' for s, n in SPLITS.items())} records to {args.folder}")
-
-
-if __name__ == "__main__":
-    main()

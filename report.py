@@ -1,18 +1,16 @@
 """Human-readable views of a run's metrics.jsonl (one line per epoch, a table per stage, a PNG plot), of a method
-comparison (infer.py compare) and of an ablation over variants and seeds (ablate.py).
-
-python report.py checkpoints/demo/metrics.jsonl      # prints the stage table and writes metrics.png beside it
+comparison (infer.py compare) and of an ablation over variants and seeds (tools/ablate.py).
+`python tools/show_run.py <run>/metrics.jsonl` prints a run's stage table and redraws its plot.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
 from config import Config
-from utils import UserError, atomic_write_text, entry_point
+from utils import UserError, atomic_write_text
 
 
 class MetricsLog:
@@ -225,17 +223,3 @@ def plot_ablation(results: dict[str, dict], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-@entry_point
-def main() -> None:
-    """`python report.py METRICS`: print the stage table and write the plot beside the metrics file."""
-    parser = argparse.ArgumentParser(description="Print the stage table and plot a run's metrics.jsonl.")
-    parser.add_argument("metrics", type=Path)
-    args = parser.parse_args()
-    print(stage_table(args.metrics))
-    print(f"plot: {plot_metrics(args.metrics, args.metrics.with_name('metrics.png'))}")
-
-
-if __name__ == "__main__":
-    main()

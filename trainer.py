@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -37,20 +36,6 @@ from evaluate import generate_and_score, summarize, validation_loss
 from utils import UserError
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
-
-
-@dataclass
-class Progress:
-    """Everything a checkpoint must hold, besides weights and optimizer, to continue a run exactly."""
-
-    epoch: int = 0  # the epoch in progress
-    micro: int = 0  # micro-batches of that epoch already trained
-    step: int = 0  # optimizer steps since the last optimizer reset (drives the schedule)
-    best: float = -1.0  # best validation accuracy so far
-    losses: list[float] = field(default_factory=list)  # this epoch's micro-batch losses so far
-    thought_losses: list[float] = field(default_factory=list)  # and their step-supervision losses, when trained
-    samples: int = 0  # this epoch's samples so far on this rank
-    bad_steps: int = 0  # non-finite steps in a row
 
 
 class StopFlag:
@@ -148,10 +133,12 @@ def train(
         print(f"plot: {report.plot_metrics(logger.path, job.folder / 'metrics.png')}")
 
 
-def _resume(config: Config, job: Job, model: nn.Module, optimizer: Optimizer, logger: report.MetricsLog) -> Progress:
+def _resume(
+    config: Config, job: Job, model: nn.Module, optimizer: Optimizer, logger: report.MetricsLog
+) -> checkpoint.Progress:
     """Where the run starts: the newest checkpoint's progress (model and optimizer restored) with resume: auto, else
     the beginning; a fresh run into a folder that already holds one is refused."""
-    folder, progress = job.folder, Progress()
+    folder, progress = job.folder, checkpoint.Progress()
     if config.resume == "none" and (any(folder.glob("checkpoint_*.pt")) or logger.path.exists()):
         raise UserError(
             f"{folder} already holds a run (checkpoints or metrics.jsonl); set resume=auto to continue it, or "
@@ -159,7 +146,7 @@ def _resume(config: Config, job: Job, model: nn.Module, optimizer: Optimizer, lo
         )
     latest = checkpoint.latest_checkpoint(folder) if config.resume == "auto" else None
     if latest is not None:
-        progress = Progress(**checkpoint.load_checkpoint(latest, model, optimizer))
+        progress = checkpoint.Progress(**checkpoint.load_checkpoint(latest, model, optimizer))
         if job.is_main:
             print(f"resumed from {latest} (epoch {progress.epoch}, micro-batch {progress.micro})")
     logger.drop_from(progress.epoch)  # the epochs this run (re)does, all of them when no checkpoint was found
@@ -176,7 +163,7 @@ def train_epoch(
     optimizer: Optimizer,
     data: CoconutDataset,
     schedule: Schedule,
-    progress: Progress,
+    progress: checkpoint.Progress,
     job: Job,
     stop: StopFlag | None = None,
 ) -> bool:

@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu import run_cpu  # noqa: E402
 from gpu import run_gpu  # noqa: E402
 from measure import TIMING_MMAP_THRESHOLD, machine, set_mmap_threshold  # noqa: E402
-
 from utils import entry_point  # noqa: E402
 
 

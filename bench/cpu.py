@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
-from measure import Column, median_times, peak_bytes, print_table, sync_for
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
@@ -25,8 +23,10 @@ from coconut import LATENT_TOKENS, Coconut
 from config import Config
 from dataset import Encoding
 from images import Vision
-from internvl import IMAGE_BLOCK, fuse_rms_norms, tile_size
+from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
+from measure import Column, median_times, peak_bytes, print_table, sync_for
 from models import load_base
+from models.internvl import IMAGE_BLOCK, fuse_rms_norms, tile_size
 
 LATENTS = (0, 2, 4, 8)
 # Qwen2-shaped text models: (hidden, layers, heads, kv heads, intermediate); vocabulary TEXT_VOCAB

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
-from measure import Column, kernel_profile, median_times, peak_bytes, print_table, sync_for
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -25,9 +23,11 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from coconut import Coconut
 from config import Config
 from dataset import Encoding, to_device
-from internvl import checkpoint_activations, fuse_rms_norms, image_seq_length, tile_size
-from internvl import vision as vision_of
+from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
+from measure import Column, kernel_profile, median_times, peak_bytes, print_table, sync_for
 from models import load_base, pick_attn_implementation
+from models.internvl import checkpoint_activations, fuse_rms_norms, image_seq_length, tile_size
+from models.internvl import vision as vision_of
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from measure import Column
 from PIL import Image
 from transformers import InternVLConfig
 
 from curriculum import Schedule
 from dataset import CoconutDataset, Encoding, collate
-from internvl import image_seq_length
+from measure import Column
+from models.internvl import image_seq_length
 
 DATA_COLUMNS: list[Column] = [
     ("data", "data", "{}"),

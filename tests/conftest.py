@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import demo_data
+import prepare_data
+from coconut import LATENT_TOKENS, Coconut, decoder_of, positions_from_mask
+from models import load_base
+from models.internvl import image_seq_length
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch.nn.functional as F  # noqa: E402
-
-import demo_data  # noqa: E402
-import prepare_data  # noqa: E402
-from coconut import LATENT_TOKENS, Coconut, decoder_of, positions_from_mask  # noqa: E402
-from internvl import image_seq_length  # noqa: E402
-from models import load_base  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -26,7 +26,7 @@ SETTINGS = {
 
 def run_ablate(spec, *args):
     return subprocess.run(
-        [sys.executable, str(ROOT / "ablate.py"), str(spec), *args],
+        [sys.executable, str(ROOT / "tools" / "ablate.py"), str(spec), *args],
         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
     )  # fmt: skip
 

@@ -18,9 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
 import convert
-import internvl
-from internvl import convert_state_dict, is_original_layout, load_internvl, native_config_from_original
-from models import pick_attn_implementation
+from models import internvl, pick_attn_implementation
+from models.internvl import convert_state_dict, is_original_layout, load_internvl, native_config_from_original
 from utils import UserError
 
 VISION = dict(

@@ -15,11 +15,11 @@ from PIL import Image
 import dataset
 from coconut import LATENT_TOKENS
 from config import Config
-from curriculum import Schedule, longest_sequence, stage_plan
-from dataset import CoconutDataset, Encoding, collate
+from curriculum import Schedule, stage_plan
+from dataset import CoconutDataset, Encoding, collate, longest_sequence
 from images import Vision, num_tiles, tile_grid, tile_image
-from internvl import IMAGE_BLOCK
 from models import encoding_for
+from models.internvl import IMAGE_BLOCK
 from records import load_records, record_problem
 from scoring import is_correct
 from utils import UserError

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import demo_data
+import make_demo_data
 import run
-from internvl import build_tiny_tokenizer
+from models.internvl import build_tiny_tokenizer
 from records import load_records
 from utils import UserError
 
@@ -73,8 +73,7 @@ def test_same_seed_same_files_and_the_grid_stays_the_default(tmp_path: Path) -> 
 def test_command_line_writes_the_named_set_in_the_demo_split_sizes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["demo_data.py", str(tmp_path), "--task", "graph", "--seed", "1"])
-    demo_data.main()
+    make_demo_data.main([str(tmp_path), "--task", "graph", "--seed", "1"])
     for split, count in {"train": 8000, "val": 256, "test": 512}.items():
         rows = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
         assert len(rows) == count and rows[0]["id"] == f"{split}-00000" and rows[0]["image"] is None

@@ -11,7 +11,8 @@ from transformers import InternVLForConditionalGeneration
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from coconut import LATENT_TOKENS
-from internvl import (
+from models import add_latent_tokens, load_base
+from models.internvl import (
     IMAGE_BLOCK,
     build_tiny_tokenizer,
     checkpoint_activations,
@@ -19,7 +20,6 @@ from internvl import (
     image_seq_length,
     tiny_config,
 )
-from models import add_latent_tokens, load_base
 from utils import UserError
 
 

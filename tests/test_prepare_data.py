@@ -483,7 +483,8 @@ def test_missing_split_is_reported(tmp_path: Path) -> None:
 def test_missing_source_folder_is_one_line_without_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "prepare_data.py"), "scienceqa", "--source", str(missing), "--out", "out"],
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "scienceqa", "--source", str(missing)]
+        + ["--out", "out"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

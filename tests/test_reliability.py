@@ -29,8 +29,8 @@ from curriculum import Schedule
 from dataset import CoconutDataset, Encoding
 from distributed import DistInfo, Job
 from images import Vision, tile_image, to_rgb
-from internvl import IMAGE_BLOCK
 from models import load_base
+from models.internvl import IMAGE_BLOCK
 from records import load_records
 from utils import UserError
 
@@ -188,14 +188,14 @@ def test_validate_lists_every_bad_record(tmp_path):
     path = write_records(tmp_path, records)
     config = tmp_path / "c.yaml"
     config.write_text(f"cot: true\ntrain_path: {path}\nmax_length: 200\nmax_num_tiles: 1\n")
-    done = subprocess.run([sys.executable, "validate.py", str(config)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "tools/validate.py", str(config)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr
     lines = done.stdout.strip().splitlines()
     assert [line.split("(id ")[1].split(")")[0] for line in lines[:-1]] == ["'b1'", "'b2'", "'b3'", "'b4'"]
     assert lines[-1] == f"{path}: 6 records, 4 problems"
     good = write_records(tmp_path, [GOOD], "good.jsonl")
     ok = subprocess.run(
-        [sys.executable, "validate.py", str(config), f"train_path={good}"], cwd=ROOT, capture_output=True
+        [sys.executable, "tools/validate.py", str(config), f"train_path={good}"], cwd=ROOT, capture_output=True
     )
     assert ok.returncode == 0
 
@@ -381,7 +381,7 @@ def test_a_crash_while_logging_metrics_leaves_the_log_whole(tmp_path, monkeypatc
 
 
 def test_a_mid_epoch_resume_at_another_batch_size_stops_with_one_line():
-    progress = trainer.Progress(epoch=3, micro=2, samples=16)  # stopped after two micro-batches of 8
+    progress = checkpoint.Progress(epoch=3, micro=2, samples=16)  # stopped after two micro-batches of 8
     config = Config(cot=True, batch_size_training=4)
     with pytest.raises(
         UserError, match="stopped epoch 3 after 2 micro-batches of 8; resume with batch_size_training=8"

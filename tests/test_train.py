@@ -14,6 +14,7 @@ from conftest import make_coconut, metrics, run, weights
 from torch.utils.data import DistributedSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, InternVLForConditionalGeneration
 
+import checkpoint
 import infer
 import trainer
 from checkpoint import export_pretrained
@@ -223,7 +224,7 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
     reference = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     job = Job(DistInfo(0, 0, 1), torch.device("cpu"))
-    assert trainer.train_epoch(model, optimizer, data, Schedule.from_config(config), trainer.Progress(), job)
+    assert trainer.train_epoch(model, optimizer, data, Schedule.from_config(config), checkpoint.Progress(), job)
 
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
     sampler.set_epoch(0)

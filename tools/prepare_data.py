@@ -1,6 +1,6 @@
 """Turn ScienceQA, M3CoT, A-OKVQA and the Coconut paper's text sets into this repo's reasoning records.
 
-    python prepare_data.py {scienceqa,m3cot,aokvqa,gsm8k,prontoqa,prosqa} --source SRC --out OUT_DIR [--split ...]
+    python tools/prepare_data.py {scienceqa,m3cot,aokvqa,gsm8k,prontoqa,prosqa} --source SRC --out OUT_DIR [--split ...]
 
 For the image sets, SRC is a Hugging Face hub id, a folder written by ``DatasetDict.save_to_disk``, a folder of
 parquet files (the hub's ``data/<split>-*.parquet`` layout) or the data set's original JSON release: ScienceQA's

@@ -35,9 +35,9 @@ try:
 except ImportError:  # transformers 4.x keeps it in modeling_utils
     from transformers.modeling_utils import no_init_weights
 
-from byte_tokenizer import byte_level_tokenizer
-from causal_lm import tiny_qwen2_config
 from images import Vision
+from models.byte_tokenizer import byte_level_tokenizer
+from models.causal_lm import tiny_qwen2_config
 from utils import UserError, read_checkpoint_config
 
 TINY_IDS = ("tiny",)

@@ -1,6 +1,6 @@
 """Check data files against a config before training, listing every bad record instead of stopping at the first.
 
-    python validate.py args/multimodal_cot.yaml [key=value ...]
+    python tools/validate.py args/multimodal_cot.yaml [key=value ...]
 
 For train_path and val_path: the file parses, each record follows the format, every image exists and decodes,
 and (with max_length set) no record is longer. Exits 0 when all is well, 1 with one line per problem otherwise,
@@ -12,8 +12,7 @@ from __future__ import annotations
 import sys
 
 from config import config_parser, load_config
-from curriculum import longest_sequence
-from dataset import Encoding, tokenize_record
+from dataset import Encoding, longest_sequence, tokenize_record
 from images import image_file, image_paths, to_rgb
 from models import encoding_for, load_base
 from records import read_records, record_name, record_problem
@@ -49,7 +48,7 @@ def find_problems(path: str, encoding: Encoding) -> tuple[int, list[str]]:
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    """`python validate.py CONFIG [key=value ...]`: one line per problem, exit status 1 when there is any."""
+    """`python tools/validate.py CONFIG [key=value ...]`: one line per problem, exit status 1 when there is any."""
     args = config_parser("List every bad record of a config's data files.").parse_args(argv)
     config = load_config(args.config, args.overrides)
     base, tokenizer = load_base(config.model_id, config.latent_init)

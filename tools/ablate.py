@@ -1,7 +1,7 @@
 """Train one config under a list of variants and several seeds; tabulate and plot each stage's accuracy.
 
-    python ablate.py args/ablation.yaml                  # trains what is missing, then writes the table and plot
-    python ablate.py args/ablation.yaml --only paper     # just these variants (the table covers every finished one)
+    python tools/ablate.py args/ablation.yaml                  # trains what is missing, then writes the table and plot
+    python tools/ablate.py args/ablation.yaml --only paper     # just these variants (the table covers every finished one)
 
 The spec names the run config, the seeds, the folder, overrides shared by every run and the variants (each a
 mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key). Each
@@ -73,7 +73,12 @@ def train(spec: dict, variant: str, seed: int) -> Path:
         return folder
     values = run_overrides(spec, variant) | {"seed": seed, "resume": "auto"}
     values |= {"save_path": str(folder.parent), "name": folder.name}
-    command = [sys.executable, str(Path(__file__).with_name("run.py")), spec["config"], *override_args(values)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "run.py"),
+        spec["config"],
+        *override_args(values),
+    ]
     print(f"ablation: {variant}, seed {seed}", flush=True)
     start = time.perf_counter()
     finished = subprocess.run(command).returncode == 0

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-import causal_lm
 import checkpoint
-import internvl
 from coconut import LATENT_TOKENS, Coconut
 from config import Config
 from dataset import Encoding
+from models import causal_lm, internvl
 from utils import UserError, read_checkpoint_config
 
 VISION_FAMILIES = (internvl,)  # each claims the config.json model types in its MODEL_TYPES

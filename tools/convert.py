@@ -1,6 +1,6 @@
 """Convert an original-layout InternVL3 checkpoint folder into a native-layout copy, which later runs load directly.
 
-    python convert.py SRC DST
+    python tools/convert.py SRC DST
 
 The conversion itself is `internvl.load_internvl` (see internvl.py); this file only writes its result.
 """
@@ -8,13 +8,13 @@ The conversion itself is `internvl.load_internvl` (see internvl.py); this file o
 import argparse
 from pathlib import Path
 
-from internvl import is_original_layout, load_internvl, load_tokenizer
+from models.internvl import is_original_layout, load_internvl, load_tokenizer
 from utils import UserError, entry_point
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    """Convert an original-layout InternVL3 folder into a native-layout copy (`python convert.py SRC DST`).
+    """Convert an original-layout InternVL3 folder into a native-layout copy (`python tools/convert.py SRC DST`).
 
     The copy holds the native config and safetensors weights from `save_pretrained` plus the tokenizer,
     so `load_internvl(DST)` (or `from_pretrained`) reads it without converting again.

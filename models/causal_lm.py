@@ -25,9 +25,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from byte_tokenizer import byte_level_tokenizer
 from coconut import decoder_of
 from images import Vision
+from models.byte_tokenizer import byte_level_tokenizer
 from utils import UserError
 
 TINY_IDS = ("tiny-gpt2", "tiny-qwen2")
