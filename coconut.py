@@ -230,20 +230,23 @@ class Coconut(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        *,
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         step_ids: torch.Tensor | None = None,
-        thoughts_per_step: int = 1,
+        c_thought: int = 1,
         thoughts: str = "model",
     ) -> CoconutOutput:
         """Logits for every position and, with `labels`, the shifted cross-entropy over labels != -100 (the
         logits are then computed only if read, see `CoconutOutput`).
 
-        Positions default to the attention mask's cumulative sum minus one, so left and right padding both work.
-        With `step_ids` (B x G x L, the tokens of the step each group of `thoughts_per_step` thoughts replaced,
-        -100 padded), the output's `thought_loss` is the step supervision of `step_loss`. `thoughts` replaces
-        the thoughts by a control (`_prefill`).
+        Everything after the attention mask is keyword-only: the original Coconut's `model(ids, mask, labels,
+        position_ids)` order would otherwise pass its positions as pixel_values. Positions default to the
+        attention mask's cumulative sum minus one, so left and right padding both work. With `step_ids` (B x G x L,
+        the tokens of the step each group of `c_thought` thoughts replaced, -100 padded; a collated training batch
+        carries both), the output's `thought_loss` is the step supervision of `step_loss`. `thoughts` replaces the
+        thoughts by a control (`_prefill`).
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
@@ -265,18 +268,20 @@ class Coconut(nn.Module):
         if step_ids is not None:
             latent = input_ids == self.latent_token_id
             per_row = latent.sum(1).tolist()
-            output.thought_loss = self.step_loss(embeds[latent], per_row, step_ids, thoughts_per_step)
+            output.thought_loss = self.step_loss(embeds[latent], per_row, step_ids, c_thought)
         if labels is None:  # whoever asks without labels wants the logits: compute them within the forward call
             _ = output.logits
         return output
 
-    def step_loss(self, thoughts: torch.Tensor, per_row: list[int], step_ids: torch.Tensor, width: int) -> torch.Tensor:
-        """Step supervision (after SIM-CoT, arXiv 2509.20317): each group of `width` thoughts that replaced a
+    def step_loss(
+        self, thoughts: torch.Tensor, per_row: list[int], step_ids: torch.Tensor, c_thought: int
+    ) -> torch.Tensor:
+        """Step supervision (after SIM-CoT, arXiv 2509.20317): each group of `c_thought` thoughts that replaced a
         written step is decoded back into that step by the language model itself, the group as a prefix and the
         step's tokens teacher-forced; the mean cross-entropy over the step tokens. Nothing of it runs at inference.
 
         `thoughts` are the latent positions' input embeddings row by row (N x D), `per_row` how many each row
-        has, `step_ids` B x G x L: row b's group g (its thoughts g*width .. g*width+width-1) replaced the step
+        has, `step_ids` B x G x L: row b's group g (its thoughts g*c .. g*c+c-1 for c = c_thought) replaced the step
         whose tokens are step_ids[b, g], -100 after the step's end and for groups that replaced no step.
         """
         first = torch.tensor([0, *per_row[:-1]], device=thoughts.device).cumsum(0)  # each row's first thought
@@ -285,17 +290,17 @@ class Coconut(nn.Module):
         if row.numel() == 0:
             # still one decoder call, on a dummy group weighted 0: every rank must make the same calls (FSDP2
             # gathers each layer's weights per call) and DDP expects a gradient for every parameter
-            prefix = thoughts.new_zeros(1, width, thoughts.shape[-1])
+            prefix = thoughts.new_zeros(1, c_thought, thoughts.shape[-1])
             target, scale = step_ids.new_zeros(1, 1), 0.0
         else:
-            index = (first[row] + group * width)[:, None] + torch.arange(width, device=thoughts.device)
-            prefix, target = thoughts[index], step_ids[row, group]  # N x width x D, N x L
+            index = (first[row] + group * c_thought)[:, None] + torch.arange(c_thought, device=thoughts.device)
+            prefix, target = thoughts[index], step_ids[row, group]  # N x c_thought x D, N x L
         steps = self.base.get_input_embeddings()(target.clamp(min=0)).to(prefix.dtype)
         mask = target != -100
-        keep = torch.cat([mask.new_ones(mask.shape[0], width), mask], 1).long()
+        keep = torch.cat([mask.new_ones(mask.shape[0], c_thought), mask], 1).long()
         hidden = self.decoder(inputs_embeds=torch.cat([prefix, steps], 1), attention_mask=keep, use_cache=False)
-        # column width-1+t predicts step token t
-        logits = self.base.get_output_embeddings()(hidden.last_hidden_state[:, width - 1 : -1][mask])
+        # column c_thought-1+t predicts step token t
+        logits = self.base.get_output_embeddings()(hidden.last_hidden_state[:, c_thought - 1 : -1][mask])
         return scale * F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[mask])
 
     @torch.no_grad()
@@ -303,16 +308,20 @@ class Coconut(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        *,
         pixel_values: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         thoughts: str = "model",
     ) -> torch.Tensor:
-        """Greedy decoding with a KV cache; latents in the (left-padded) prompt are filled as in `forward`.
+        """Greedy decoding with a KV cache; latents in the prompt are filled as in `forward`.
 
-        Returns the prompt ids followed by the new tokens; a row that produced EOS is padded with EOS after it.
-        Under a multi-rank job, decoding stops only when every row on every rank is done, so all ranks run the
-        same number of decoder calls.
+        Every row's next token must sit in the last column, so prompts padded on the right (as the original
+        Coconut's collator pads them) are first moved to the left: the returned ids hold the prompts left-padded,
+        followed by the new tokens; a row that produced EOS is padded with EOS after it. Under a multi-rank job,
+        decoding stops only when every row on every rank is done, so all ranks run the same number of decoder
+        calls.
         """
+        input_ids, attention_mask = left_padded(input_ids, attention_mask)
         position_ids = positions_from_mask(attention_mask)
         width = input_ids.shape[1] + max_new_tokens
         hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids, width, thoughts)
@@ -426,6 +435,17 @@ class _Append(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor]:
         return None, grad[:, :, : ctx.start] if ctx.start else None, grad[:, :, ctx.start :]
+
+
+def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with their padding moved to the left (each row rolled right by its trailing padding), unchanged
+    when every row already ends on a token."""
+    trailing = attention_mask.long().flip(1).cumsum(1).eq(0).sum(1)  # columns after each row's last token
+    if not trailing.any():
+        return input_ids, attention_mask
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    index = (columns[None, :] - trailing[:, None]) % input_ids.shape[1]
+    return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,7 @@ class CoconutDataset(torch.utils.data.Dataset):
             # group g of c_thought latents stands for written step g (none past the steps the stage removed)
             groups = n_latents // self.config.c_thought
             item["step_ids"] = [tokens.steps[g] if g < removed else [] for g in range(groups)]
+            item["c_thought"] = self.config.c_thought  # the group width, so the model's caller need not pass it
         return item
 
 
@@ -250,6 +251,7 @@ def collate(batch: list[dict], pad_id: int, latent_id: int) -> dict:
         out["labels"] = labels
     if "step_ids" in batch[0]:
         out["step_ids"] = _pad_steps([item["step_ids"] for item in batch])
+        out["c_thought"] = batch[0]["c_thought"]
     return out
 
 
@@ -266,10 +268,10 @@ def _pad_steps(rows: list[list[list[int]]]) -> torch.Tensor:
 
 
 def to_device(batch: dict, device: torch.device, pixel_dtype: torch.dtype | None = None) -> dict:
-    """A collated batch's tensors on `device` (a text-only batch's pixel_values stay None), the tiles also cast to
-    `pixel_dtype` when given (for a model whose weights are in that dtype, run without autocast: the benchmark's).
-    The copies do not block the host: from pinned memory they overlap with the work already queued."""
-    moved = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+    """A collated batch's tensors on `device` (a text-only batch's pixel_values stay None, c_thought an int), the
+    tiles also cast to `pixel_dtype` when given (for a model whose weights are in that dtype, run without autocast:
+    the benchmark's). The copies do not block the host: from pinned memory they overlap with the work already queued."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if pixel_dtype is not None and moved.get("pixel_values") is not None:
         moved["pixel_values"] = moved["pixel_values"].to(pixel_dtype)
     return moved

@@ -208,7 +208,7 @@ def train_epoch(
         last_micro = progress.micro == group_start + group
         batch = to_device(batch, job.device)
         with _grad_sync(model, last_micro), job.autocast():
-            out = model(**batch, thoughts_per_step=config.c_thought)
+            out = model(**batch)
             loss = out.loss
             if out.thought_loss is not None:  # step supervision: the batch carries step_ids
                 loss = loss + config.thought_loss_weight * out.thought_loss

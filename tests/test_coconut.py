@@ -172,3 +172,27 @@ def test_generate_uses_the_cache(any_base):
     model.generate(ids, mask, pixel_values=pixels, max_new_tokens=5)
     handle.remove()
     assert sum(widths[:-4]) == ids.shape[1] and widths[-4:] == [1, 1, 1, 1]
+
+
+def test_generate_moves_right_padding_to_the_left(any_base):
+    """Prompts padded on the right, as the original Coconut's collator pads them, give the tokens their left-padded
+    copies give, and come back left-padded."""
+    base, tokenizer = any_base
+    rows = [(1, 3, 2, 2), (0, 9, 4, 1), (2, 2, 0, 3)]
+    left = build_batch(base, tokenizer, rows, [True, True, True])
+    right = build_batch(base, tokenizer, rows, [False, False, False])
+    assert not right[1][:, -1].all()  # some row really ends in padding
+    model = make_coconut(base, tokenizer, eos_token_id=-1)
+    expected = model.generate(left[0], left[1], pixel_values=left[2], max_new_tokens=4)
+    assert torch.equal(model.generate(right[0], right[1], pixel_values=right[2], max_new_tokens=4), expected)
+
+
+def test_the_original_positional_call_fails_loudly(tiny_base):
+    """`model(ids, mask, labels, position_ids)`, the original Coconut's order, must not pass positions as pixels."""
+    base, tokenizer = tiny_base
+    model = make_coconut(base, tokenizer)
+    ids, mask, pixels, labels = build_batch(base, tokenizer, *LAYOUTS["aligned"])
+    with pytest.raises(TypeError, match="positional"):
+        model(ids, mask, labels, positions_from_mask(mask))
+    with pytest.raises(TypeError, match="positional"):
+        model.generate(ids, mask, pixels)

@@ -325,7 +325,7 @@ def test_training_items_carry_the_steps_their_thought_groups_replaced(tmp_path, 
     assert [tokenizer.decode(step) for step in data[1]["step_ids"]] == ["t1\n"]
     latent = tokenizer.convert_tokens_to_ids("<|latent|>")
     batch = collate([data[i] for i in range(3)], tokenizer.pad_token_id, latent)
-    assert batch["step_ids"].shape == (3, 2, 3)
+    assert batch["step_ids"].shape == (3, 2, 3) and batch["c_thought"] == 2  # the group width travels with them
     assert batch["step_ids"][1, 1].tolist() == [-100] * 3  # record b's second group replaced no step
     data.set_stage(0)
     assert collate([data[0]], tokenizer.pad_token_id, latent)["step_ids"].tolist() == [[[-100]]]

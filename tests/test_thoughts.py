@@ -110,7 +110,7 @@ def test_step_loss_matches_decoding_each_group_alone(any_base, width):
     step_ids[0, 1, :4] = torch.tensor([8, 9, 10, 11])
     step_ids[1, 0, :2] = torch.tensor([12, 13])
     params = list(base.parameters())
-    out = model(ids, mask, labels=labels, pixel_values=pixels, step_ids=step_ids, thoughts_per_step=width)
+    out = model(ids, mask, labels=labels, pixel_values=pixels, step_ids=step_ids, c_thought=width)
     grads = torch.autograd.grad(out.thought_loss, params, allow_unused=True, retain_graph=True)
     latent = ids == model.latent_token_id
     thoughts = [out.inputs_embeds[row][latent[row]] for row in range(3)]
