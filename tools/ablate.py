@@ -1,7 +1,7 @@
 """Train one config under a list of variants and several seeds; tabulate and plot each stage's accuracy.
 
     python tools/ablate.py args/ablation.yaml                  # trains what is missing, then writes the table and plot
-    python tools/ablate.py args/ablation.yaml --only paper     # just these variants (the table covers every finished one)
+    python tools/ablate.py args/ablation.yaml --only paper     # just these variants (the table covers all finished)
 
 The spec names the run config, the seeds, the folder, overrides shared by every run and the variants (each a
 mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key). Each
