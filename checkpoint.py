@@ -48,6 +48,7 @@ class Progress:
     epoch: int = 0  # the epoch in progress
     micro: int = 0  # micro-batches of that epoch already trained
     step: int = 0  # optimizer steps since the last optimizer reset (drives the schedule)
+    total_steps: int = 0  # optimizer steps since the run began (the trackers' x-axis)
     best: float = -1.0  # best validation accuracy so far
     losses: list[float] = field(default_factory=list)  # this epoch's micro-batch losses so far
     thought_losses: list[float] = field(default_factory=list)  # and their step-supervision losses, when trained

@@ -90,6 +90,7 @@ class Config:
     keep_checkpoints: int = 2  # checkpoint files kept; older ones are deleted
     max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with non-finite gradients
     report_to: str = "none"  # none | wandb | tensorboard
+    log_every: int = 0  # also send loss, lr, grad norm and thought loss to report_to every N optimizer steps (0: off)
     generate_demo_data: str = "none"  # grid | graph: write that demo_data.py set when train_path's folder lacks it
     # {stage: {key: value}}: keys (STAGE_KEYS) that change from a given curriculum stage on
     stage_overrides: dict = field(default_factory=dict)
@@ -302,10 +303,13 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "max_length",
         "image_cache_mb",
         "thought_loss_weight",
+        "log_every",
     )
     for key in not_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{where}: {key} must be at least 0, got {getattr(config, key)}")
+    if config.log_every and config.report_to == "none":
+        raise UserError(f"{where}: log_every sends step metrics to report_to's tracker; set report_to or log_every: 0")
     if config.eval_stage < -1:
         raise UserError(f"{where}: eval_stage must be -1 (the last stage) or a stage number, got {config.eval_stage}")
     if not 0.0 <= config.uniform_prob <= 1.0:

@@ -38,19 +38,26 @@ class MetricsLog:
             kept = [m for m in read_metrics(self.path) if m["epoch"] < epoch]
             atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
-    def log(self, metrics: dict) -> None:
-        """Append one epoch's metrics (and send them to the configured tracker)."""
+    def log(self, metrics: dict, step: int) -> None:
+        """Append one epoch's metrics, and send them to the configured tracker at optimizer step `step`."""
         if not self.enabled:
             return
         # rewritten whole and renamed, so a crash mid-write cannot leave a torn line that stops the next resume
         before = self.path.read_text() if self.path.exists() else ""
         atomic_write_text(self.path, before + json.dumps(metrics) + "\n")
-        if self.backend is not None and hasattr(self.backend, "log"):
-            self.backend.log(metrics, step=metrics["epoch"])
-        elif self.backend is not None:
-            for key, value in metrics.items():
-                self.backend.add_scalar(key, value, metrics["epoch"])
-            self.backend.flush()  # its own flush runs every two minutes, and not at exit
+        self.send(metrics, step)
+
+    def send(self, metrics: dict, step: int) -> None:
+        """Send `metrics` to the configured tracker (if any) at optimizer step `step`; epoch lines and the step
+        metrics of `log_every` share that x-axis, so one run's curves line up."""
+        if not self.enabled or self.backend is None:
+            return
+        if hasattr(self.backend, "log"):
+            self.backend.log(metrics, step=step)
+            return
+        for key, value in metrics.items():
+            self.backend.add_scalar(key, value, step)
+        self.backend.flush()  # its own flush runs every two minutes, and not at exit
 
 
 def read_metrics(path: Path) -> list[dict]:

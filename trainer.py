@@ -101,7 +101,7 @@ def train(
             dataset.set_stage(stage, epoch, schedule.stage_config(epoch))
         progress.epoch = epoch
         start, samples_before = time.perf_counter(), progress.samples  # a resumed epoch counts from here
-        if not train_epoch(model, optimizer, train_data, schedule, progress, job, stop):
+        if not train_epoch(model, optimizer, train_data, schedule, progress, job, stop, logger):
             _stopped(checkpoint.save_checkpoint(job.folder, progress, model, optimizer), job)
         samples_per_s = (progress.samples - samples_before) * job.dist.world_size / (time.perf_counter() - start)
         metrics = {"epoch": epoch, "stage": stage, "train_loss": _mean_across_ranks(progress.losses, job.device)}
@@ -111,7 +111,7 @@ def train(
         result = summarize(generate_and_score(model, val_prompts, job, config.eval_batch_size))
         metrics |= {"val_accuracy": result["accuracy"], "gen_tokens": result["gen_tokens"]}
         metrics |= {"samples_per_s": samples_per_s, "lr": optimizer.param_groups[0]["lr"]}
-        logger.log(metrics)
+        logger.log(metrics, progress.total_steps)
         if job.is_main:
             print(report.format_epoch(metrics))
         improved = result["accuracy"] > progress.best
@@ -166,9 +166,12 @@ def train_epoch(
     progress: checkpoint.Progress,
     job: Job,
     stop: StopFlag | None = None,
+    logger: report.MetricsLog | None = None,
 ) -> bool:
     """Train the rest of the current epoch (from `progress.micro`) with its stage's config, the learning rate
-    following the schedule's steps; False when a stop signal ended it early (no `stop`: never).
+    following the schedule's steps; False when a stop signal ended it early (no `stop`: never). With `logger` and
+    log_every, every log_every optimizer steps send their mean loss (and thought loss), the learning rate and the
+    last gradient norm to the tracker.
 
     The data order depends only on seed and epoch, so a resumed epoch skips exactly the micro-batches that the
     interrupted run had trained. Each optimizer step averages the micro-batch losses of its accumulation group,
@@ -196,6 +199,7 @@ def train_epoch(
     )
     n_micro = math.ceil(len(sampler) / config.batch_size_training)
     accumulate = config.gradient_accumulation_steps
+    logged, thoughts_logged = len(progress.losses), len(progress.thought_losses)  # the losses already sent
     model.train()
     bar = tqdm(
         loader, desc=f"epoch {progress.epoch} stage {data.stage}", disable=not info.is_main, leave=False,
@@ -226,7 +230,21 @@ def train_epoch(
         if torch.isfinite(norm):
             optimizer.step()
             progress.step += 1
+            progress.total_steps += 1
             progress.bad_steps = 0
+            if logger is not None and config.log_every and progress.total_steps % config.log_every == 0:
+                # every rank computes the means (a collective), rank 0 sends them
+                step_metrics = {
+                    "train/loss": _mean_across_ranks(progress.losses[logged:], job.device),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/grad_norm": float(norm),
+                }
+                if progress.thought_losses:
+                    step_metrics["train/thought_loss"] = _mean_across_ranks(
+                        progress.thought_losses[thoughts_logged:], job.device
+                    )
+                logger.send(step_metrics, progress.total_steps)
+                logged, thoughts_logged = len(progress.losses), len(progress.thought_losses)
         else:
             progress.bad_steps += 1
             if info.is_main:

@@ -369,14 +369,14 @@ def test_a_file_that_is_not_a_fitting_checkpoint_stops_with_one_line(tmp_path):
 
 def test_a_crash_while_logging_metrics_leaves_the_log_whole(tmp_path, monkeypatch):
     log = report.MetricsLog(tmp_path, Config(cot=True), enabled=True)
-    log.log({"epoch": 0, "train_loss": 1.0})
+    log.log({"epoch": 0, "train_loss": 1.0}, step=0)
 
     def crash(*args):
         raise OSError("killed mid-write")
 
     monkeypatch.setattr(utils.os, "replace", crash)
     with pytest.raises(OSError):
-        log.log({"epoch": 1, "train_loss": 0.5})
+        log.log({"epoch": 1, "train_loss": 0.5}, step=10)
     assert report.read_metrics(log.path) == [{"epoch": 0, "train_loss": 1.0}]
 
 

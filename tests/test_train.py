@@ -16,15 +16,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, I
 
 import checkpoint
 import infer
+import report
 import trainer
 from checkpoint import export_pretrained
 from coconut import LATENT_TOKENS
-from config import Config
+from config import Config, load_config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo, Job
 from evaluate import shard
 from models import encoding_for, load_base, sharded_layers
+from utils import UserError
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -241,6 +243,45 @@ def test_a_short_last_accumulation_group_averages_its_own_micro_batches(data_dir
                 p -= config.lr * g
     for trained, expected in zip(model.parameters(), params):
         torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
+
+
+class Tracker:
+    """Records what a MetricsLog sends, as TensorBoard's SummaryWriter receives it (add_scalar, flush)."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, key: str, value: float, step: int) -> None:
+        self.scalars.append((key, value, step))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_log_every_sends_each_window_of_steps_to_the_tracker(tmp_path, data_dir):
+    # 32 records in micro-batches of 4, accumulating 2: 4 optimizer steps, sent after steps 2 and 4
+    torch.manual_seed(0)
+    base, tokenizer = load_base("tiny")
+    config = Config(cot=True, batch_size_training=4, gradient_accumulation_steps=2, report_to="tensorboard")
+    config.log_every = 2
+    data = CoconutDataset.from_file(str(data_dir / "train.jsonl"), encoding_for(base, tokenizer, config))
+    logger = report.MetricsLog(tmp_path, Config(), enabled=True)  # no tracker of its own: the recorder stands in
+    logger.backend = Tracker()
+    progress = checkpoint.Progress()
+    job = Job(DistInfo(0, 0, 1), torch.device("cpu"))
+    model = make_coconut(base, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    assert trainer.train_epoch(model, optimizer, data, Schedule.from_config(config), progress, job, None, logger)
+    sent = {(key, step): value for key, value, step in logger.backend.scalars}
+    assert sorted(sent) == sorted((k, s) for k in ("train/loss", "train/lr", "train/grad_norm") for s in (2, 4))
+    for step, micro in ((2, slice(0, 4)), (4, slice(4, 8))):  # each window's mean of its own micro-batch losses
+        assert sent["train/loss", step] == pytest.approx(sum(progress.losses[micro]) / 4)
+    assert progress.total_steps == 4 and not (tmp_path / "metrics.jsonl").exists()  # epoch lines stay per epoch
+
+
+def test_log_every_without_a_tracker_stops_with_one_line():
+    with pytest.raises(UserError, match="log_every sends step metrics"):
+        load_config("args/demo.yaml", ["log_every=10"])
 
 
 def test_the_schedule_spans_each_epochs_own_steps():
