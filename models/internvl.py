@@ -63,8 +63,8 @@ def tiny_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
     Each 64-px tile is cut into 8-px patches (64 of them), which the pixel shuffle turns into 16 context
     tokens, so a CPU can train it in minutes. The decoder, its embeddings and the projector start at
     N(0, TEXT_INIT_STD) rather than transformers' 0.02, a scale meant for widths of 768 and up: at width 128 the
-    attention logits start so flat that the demo's image read (a letter finding its cell) sat on a plateau for 9
-    to over 12 epochs; at 0.06 three seeds out of three left it by epoch 5 (docs/experiments.md).
+    attention logits start so flat that the demo's image read (a letter finding its cell) sits on a loss plateau
+    for 9 epochs or more, where 0.06 brings it off by about epoch 5 (docs/experiments.md has the runs).
     """
     vision = InternVLVisionConfig(
         hidden_size=64,

@@ -234,7 +234,7 @@ MULTIPLE_CHOICE = dict(RECORDS[0], choices=["eight", "nine"], answer="B", meta={
     ],
 )
 def test_bad_choices_and_meta_are_record_problems(tmp_path, tiny_base, keys, message):
-    # each of these used to load and train, then crash or mislead scoring at the first evaluation
+    # unchecked, each of these would load and train, then crash or mislead scoring at the first evaluation
     bad = MULTIPLE_CHOICE | keys
     assert record_problem(bad).startswith(message)
     path = write_data(tmp_path, [MULTIPLE_CHOICE, bad])

@@ -85,7 +85,7 @@ def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: P
     demo_data.check(str(folder), "grid")  # as written: accepted
     with pytest.raises(UserError, match="does not hold the graph set"):
         demo_data.check(str(folder), "graph")
-    # the format before 2026-12-02: steps without the restated cell ("lime l"), the answer a colour
+    # an older format of the grid set: steps without the restated cell ("lime l"), the answer a colour
     lines = (folder / "train.jsonl").read_text().splitlines()
     old = json.loads(lines[0])
     old |= {"steps": [step.split(" ", 1)[1] for step in old["steps"]], "answer": "blue"}
@@ -99,7 +99,7 @@ def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: P
         f"error: {folder}/train.jsonl: record 1 is not what this demo_data.py writes (an earlier format); delete "
         f"{folder} and the run writes the current set (or set generate_demo_data: none to train on it)"
     ]
-    (folder / demo_data.MANIFEST).unlink()  # a set written before the manifest existed
+    (folder / demo_data.MANIFEST).unlink()  # a set without a manifest
     with pytest.raises(UserError, match="does not hold the grid set"):
         demo_data.check(str(folder), "grid")
 
