@@ -155,6 +155,22 @@ def test_three_moves_write_the_three_move_sets_unchanged(tmp_path: Path, task: s
     assert manifest == {"task": task, "seed": 0, "moves": [3, 3]}
 
 
+def test_the_hard_set_draws_3_to_6_moves_evenly_and_walks_them(tmp_path: Path) -> None:
+    config = load_config("args/demo_hard.yaml")
+    assert (config.demo_moves, config.max_latent_stage, config.generate_demo_data) == ([3, 6], 6, "grid")
+    make_demo_data.main([str(tmp_path), "--moves", "3", "6"])  # seed 0, as the run writes it
+    records = load_records(str(tmp_path / "train.jsonl"))
+    assert len(records) == 8000
+    counts = {moves: sum(len(r["steps"]) == moves for r in records) for moves in range(1, 10)}
+    assert sum(counts[m] for m in (3, 4, 5, 6)) == 8000
+    assert all(abs(counts[m] / 8000 - 1 / 4) < 0.02 for m in (3, 4, 5, 6)), counts
+    for record in records:
+        steps = grid_walk(tmp_path, record, len(record["steps"]))
+        assert record["steps"] == steps and record["answer"] == steps[-1][-1]
+    assert json.loads((tmp_path / demo_data.MANIFEST).read_text())["moves"] == [3, 6]
+    demo_data.check(str(tmp_path), "grid", (3, 6))
+
+
 def test_graph_records_take_their_moves_from_the_range(tmp_path: Path) -> None:
     demo_data.generate(str(tmp_path), "graph", seed=2, sizes={"train": 400}, moves=(1, 4))
     records = load_records(str(tmp_path / "train.jsonl"))
