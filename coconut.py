@@ -159,6 +159,11 @@ class Coconut(nn.Module):
             return self.projection
         return lambda hidden: hidden
 
+    def fills_thoughts(self, thoughts: str = "model") -> bool:
+        """Whether the latents are filled from hidden states, each in a decoder pass of its own. Not under `none`
+        feedback or the pause control: the latents are then ordinary tokens, read with the prompt in one pass."""
+        return self.thought_feedback != "none" and thoughts != "pause"
+
     def _segments(self, latent_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Column ranges of the decoder passes: split before every column that holds a latent in any row.
 
@@ -200,7 +205,7 @@ class Coconut(nn.Module):
         """
         embeds = self.embed(input_ids, pixel_values)
         latent_mask = input_ids == self.latent_token_id
-        paused = self.thought_feedback == "none" or thoughts == "pause"
+        paused = not self.fills_thoughts(thoughts)
         feed_back = None if paused else self.feed_back()
         cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
         hidden_parts, embed_parts = [], []

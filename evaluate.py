@@ -101,9 +101,7 @@ def generate_answers(
     measure how much the answers depend on them.
     """
     generate, eos = unwrap(model).generate, data.eos_id
-    # latents computed from a hidden state each take a pass of their own; under `none` feedback or the pause
-    # control they are ordinary tokens, read with the rest of the prompt in one pass
-    thought_passes = unwrap(model).thought_feedback != "none" and controls.thoughts != "pause"
+    thought_passes = unwrap(model).fills_thoughts(controls.thoughts)  # else latents take no pass of their own
     decode = data.encoding.tokenizer.decode
     rows = []
     batches = _batches(data, batch_size, job.dist.rank, job.dist.world_size)
