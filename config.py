@@ -22,7 +22,7 @@ from utils import UserError
 
 # how a thought's input embedding is made from the hidden state before it (coconut.Coconut.feed_back)
 THOUGHT_FEEDBACK = ("hidden", "rescaled", "projected", "none")
-# the synthetic sets demo_data.py writes: colour grids (images) and graph reachability (text)
+# the synthetic sets demo_data.py writes: colour grids (images) and pointer chasing (text)
 DEMO_SETS = ("grid", "graph")
 # (fewest, most) moves per record of a demo set: three steps, one per curriculum stage of args/demo.yaml
 DEMO_MOVES = (3, 3)

@@ -21,9 +21,9 @@ has one outgoing edge (to another node), the text counterpart of the grid. The q
 k-th letter naming where node k's edge leads ("ehbadcgfkjilnmpo": a>e, b>h, c>b, ...), then a start node: "... from
 c". Each step is one edge followed ("c>b", "b>h", "h>f"), one look-up in the table; the answer is the node reached
 after three edges ("f", one of 16), which a direct answer has to chain three look-ups inside the network for. A
-record is about 40 characters, one token each under the byte-level tokenizer. (A reachability set with distractor
-edges in the spirit of the paper's ProsQA, its edges listed in random order, was tried first: neither tiny-gpt2
-nor tiny-qwen2 learned its content look-ups in 10 CoT epochs, docs/experiments.md.)
+record is about 40 characters, one token each under the byte-level tokenizer. The table is read by position: a
+ProsQA-like set whose edges are listed in random order needs look-ups by content, which neither tiny-gpt2 nor
+tiny-qwen2 learns in 10 CoT epochs (docs/experiments.md).
 `run.py` writes a config's set on first run (`generate_demo_data`); `python tools/make_demo_data.py` writes one
 anywhere.
 """
@@ -50,9 +50,8 @@ MANIFEST = "demo_data.json"  # which set, seed and moves a folder holds, for `ch
 
 
 def cell_name(row: int, column: int) -> str:
-    """A cell's one-letter name. One token per cell (the byte-level tiny tokenizer), where "r,c" took three whose
-    meaning the model had to compose: with seed 0 and the same training, CoT reached 1.000 validation accuracy by
-    epoch 10 with these names and 0.422 at epoch 12 with "r,c" (docs/experiments.md)."""
+    """A cell's one-letter name: one token per cell under the byte-level tokenizer, which the tiny model learns to
+    read far faster than a three-token "r,c" whose meaning it has to compose (docs/experiments.md)."""
     return "abcdefghijklmnop"[row * GRID + column]
 
 

@@ -1,7 +1,7 @@
 """Answers from an exported model (`run.py`'s final/ or stage_<k>/ folder), what its thoughts decode to, and a
 comparison of methods on one test set.
 
-    python infer.py FOLDER --image IMG --question "start 2,1; 3 moves" [--stage K] [--probe 5]
+    python infer.py FOLDER --image IMG --question "from h" [--stage K] [--probe 5]
     python infer.py FOLDER --records test.jsonl [--out FOLDER] [--probe 5] [--blank-images] [--thoughts noise]
     python infer.py compare no_cot=A cot=B coconut=C --records test.jsonl [--blank coconut] [--controls coconut]
 
