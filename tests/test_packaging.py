@@ -59,8 +59,9 @@ def test_every_module_imports_from_the_install(installed, tmp_path):
     assert len(files) == len(modules) and all(str(installed.parents[1]) in f for f in files), files
 
 
-@pytest.mark.parametrize("entry_point", ["run", "infer"])
-def test_the_entry_points_answer_help_from_outside_the_checkout(installed, tmp_path, entry_point):
+@pytest.mark.parametrize("entry_point, names", [("run", "overrides"), ("infer", "infer.py compare")])
+def test_the_entry_points_answer_help_from_outside_the_checkout(installed, tmp_path, entry_point, names):
     command = [installed, "-m", entry_point, "--help"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=CLEAN_ENV)
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
+    assert names in done.stdout  # infer's help shows its compare subcommand
