@@ -1,5 +1,5 @@
-"""ablate.py on the tiny model: every (variant, seed) trains once, an interrupted ablation continues, and the
-table and plot summarise each stage's accuracy over the seeds."""
+"""ablate.py on the tiny model: every (variant, seed) trains and is tested once, an interrupted ablation continues,
+runs go side by side with --jobs, and the tables and plots summarise the seeds."""
 
 from __future__ import annotations
 
@@ -75,3 +75,38 @@ def test_a_variant_changes_the_shared_stage_overrides_key_by_key():
     assert paper["thought_loss_weight"] == 0.0 and paper["load_model_path"] == spec["overrides"]["load_model_path"]
     assert paper["stage_overrides"] == shared | {1: shared[1] | {"uniform_prob": 0.0}}
     assert ablate.run_overrides(spec, "rescaled")["stage_overrides"] == shared
+
+
+def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
+    overrides = SETTINGS | {"train_path": f"{data_dir}/train.jsonl", "val_path": f"{data_dir}/val.jsonl"}
+    spec = {
+        "config": "args/demo.yaml",
+        "seeds": [0, 1],
+        "save_path": str(tmp_path / "runs"),
+        "test_path": f"{data_dir}/val.jsonl",
+        "overrides": overrides,
+        "variants": {"cot": {"coconut": False, "cot": True, "train_stage": 0}, "coconut": {}},
+    }
+    path = tmp_path / "baselines.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    first = run_ablate(path, "--jobs", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("ablation: ") == 4 and first.stdout.count("test: ") == 4
+    for variant in spec["variants"]:
+        for seed in spec["seeds"]:
+            run = tmp_path / "runs" / variant / f"seed{seed}"
+            assert len(metrics(run)) == 2 and (run / "test" / "eval.json").is_file()
+            assert "1 thread per run" in (run / "ablation.json").read_text()  # pinned, one thread
+            assert "resumed" not in (run / "ablation.log").read_text()
+    assert [m["stage"] for m in metrics(tmp_path / "runs" / "cot" / "seed0")] == [0, 0]
+    again = run_ablate(path)  # all trained and tested: nothing runs again
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ablation: " not in again.stdout and "test: " not in again.stdout
+    results = (tmp_path / "runs" / "results.md").read_text()
+    assert "- seeds: 0, 1" in results and "1 thread per run (4 runs)" in results and "- commit: " in results
+    table = results.split("\n\n")[-1].splitlines()
+    assert table[0].startswith("| variant | seeds | test accuracy | val accuracy | generated tokens | optimizer steps")
+    # 32 training records in batches of 8: 4 optimizer steps an epoch, 2 epochs
+    assert [row.split(" | ")[:2] for row in table[2:]] == [["| cot", "2"], ["| coconut", "2"]]
+    assert all(row.count(" ± ") == 4 and " | 8 | " in row for row in table[2:])
+    assert "trains stage 0 throughout" in results and (tmp_path / "runs" / "results.png").stat().st_size > 0
