@@ -1,5 +1,6 @@
 """ablate.py on the tiny model: every (variant, seed) trains and is tested once, an interrupted ablation continues,
-runs go side by side with --jobs, and the tables and plots summarise the seeds."""
+runs go side by side with --jobs, the tables and plots summarise the seeds, and the baseline specs give every
+row one budget."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import ROOT, metrics
 
 import ablate
+import trainer
+from config import load_config
+from curriculum import Schedule
 
 SETTINGS = {
     "generate_demo_data": "none",
@@ -110,3 +115,51 @@ def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| cot", "2"], ["| coconut", "2"]]
     assert all(row.count(" ± ") == 4 and " | 8 | " in row for row in table[2:])
     assert "trains stage 0 throughout" in results and (tmp_path / "runs" / "results.png").stat().st_size > 0
+
+
+def lr_trace(schedule: Schedule, samples: int) -> list[float]:
+    """The learning rate at every optimizer step of a run, as trainer.train_epoch sets it."""
+    trace, step = [], 0
+    for epoch in range(len(schedule.stages)):
+        if schedule.resets_optimizer(epoch):
+            step = 0
+        config, total = schedule.stage_config(epoch), schedule.lr_steps(epoch, samples)
+        for _ in range(schedule.epoch_steps(epoch, samples)):
+            trace.append(config.lr * trainer.lr_factor(step, total, config))
+            step += 1
+    return trace
+
+
+def budget(schedule: Schedule, samples: int) -> dict:
+    """What a run's optimisation is made of, beside what it trains on."""
+    epochs = range(len(schedule.stages))
+    keys = ("batch_size_training", "gradient_accumulation_steps", "lr", "weight_decay", "max_grad_norm")
+    return {
+        "steps": [schedule.epoch_steps(e, samples) for e in epochs],
+        "resets": [schedule.resets_optimizer(e) for e in epochs],
+        "lr": lr_trace(schedule, samples),
+        "optimizer": [[getattr(schedule.stage_config(e), k) for k in keys] for e in epochs],
+    }
+
+
+@pytest.mark.parametrize("name, demo", [("baselines.yaml", "demo.yaml"), ("baselines_text.yaml", "demo_text.yaml")])
+def test_the_baseline_rows_share_one_budget(name, demo):
+    spec = ablate.read_spec(ROOT / "args" / name)
+    assert set(spec["variants"]) == {"cot", "no_cot", "coconut", "paper", "pause", "no_curriculum", "no_thoughts"}
+    assert len(spec["seeds"]) >= 5 and len(set(spec["seeds"]) - set(range(7))) >= 2  # 0-6 chose the recipe
+    configs = {variant: ablate.variant_config(spec, variant) for variant in spec["variants"]}
+    assert configs["coconut"] == load_config(f"args/{demo}")  # the demo's recipe as it is
+    for samples in (8000, 1001):
+        budgets = {variant: budget(Schedule.from_config(c), samples) for variant, c in configs.items()}
+        assert all(b == budgets["coconut"] for b in budgets.values())
+        assert sum(budgets["coconut"]["steps"]) == len(budgets["coconut"]["lr"])
+    if name == "baselines.yaml":  # the issue's numbers: 15 epochs of 250 steps, a restart at each of 4 stages
+        assert sum(budget(Schedule.from_config(configs["cot"]), 8000)["steps"]) == 3750
+        paper, keys = load_config("args/demo_paper.yaml"), ("thought_loss_weight", "uniform_prob", "thought_feedback")
+        for stage in range(4):  # the paper row is args/demo_paper.yaml
+            row, own = configs["paper"].for_stage(stage), paper.for_stage(stage)
+            assert [getattr(row, k) for k in keys] == [getattr(own, k) for k in keys]
+    last = Schedule.from_config(configs["coconut"]).last_stage
+    assert [Schedule.from_config(configs[v]).last_stage for v in ("cot", "no_cot", "no_curriculum")] == [0, 0, last]
+    assert configs["cot"].cot and configs["no_cot"].no_cot and configs["no_thoughts"].no_thoughts
+    assert configs["pause"].thought_feedback == "none" and configs["pause"].thought_loss_weight == 0
