@@ -13,6 +13,7 @@ import yaml
 from conftest import ROOT, metrics
 
 import ablate
+import demo_data
 import trainer
 from config import load_config
 from curriculum import Schedule
@@ -163,3 +164,13 @@ def test_the_baseline_rows_share_one_budget(name, demo):
     assert [Schedule.from_config(configs[v]).last_stage for v in ("cot", "no_cot", "no_curriculum")] == [0, 0, last]
     assert configs["cot"].cot and configs["no_cot"].no_cot and configs["no_thoughts"].no_thoughts
     assert configs["pause"].thought_feedback == "none" and configs["pause"].thought_loss_weight == 0
+
+
+def test_runs_side_by_side_find_their_demo_set_written(tmp_path):
+    """Two runs started together would both write a missing demo set; ablate.py writes it once before them."""
+    spec = ablate.read_spec(ROOT / "args" / "baselines_text.yaml")
+    folder = tmp_path / "graph"
+    spec["overrides"] |= {"train_path": str(folder / "train.jsonl"), "val_path": str(folder / "val.jsonl")}
+    ablate.write_demo_sets(spec, {"cot", "coconut"})
+    demo_data.check(str(folder), "graph")
+    assert (folder / "test.jsonl").is_file()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+import demo_data
 import report
 from config import Config, load_config
 from curriculum import Schedule
@@ -176,6 +177,8 @@ def run_all(spec: dict, runs: list[tuple[str, int]], jobs: int, written: Callabl
         raise UserError(f"--jobs {jobs}: this process may use {len(cores)} cores; give each run its own")
     if jobs > 1 and shutil.which("taskset") is None:
         raise UserError(f"--jobs {jobs} pins each run to a core with taskset, which is not installed (util-linux)")
+    if jobs > 1:
+        write_demo_sets(spec, {variant for variant, _ in runs})
     free: queue.SimpleQueue = queue.SimpleQueue()
     for core in cores[:jobs] if jobs > 1 else [None]:
         free.put(core)
@@ -199,6 +202,17 @@ def run_all(spec: dict, runs: list[tuple[str, int]], jobs: int, written: Callabl
             for future in futures:
                 future.cancel()  # the running ones end on their own
             raise
+
+
+def write_demo_sets(spec: dict, variants: set[str]) -> None:
+    """Write the demo sets that runs of `variants` would write at their start, once: two runs started together
+    would write the same files at once, and one could read a file the other is rewriting."""
+    for variant in variants:
+        config = variant_config(spec, variant)
+        if config.generate_demo_data != "none" and not all(
+            Path(path).exists() for path in (config.train_path, config.val_path)
+        ):
+            demo_data.generate(str(Path(config.train_path).parent), config.generate_demo_data)
 
 
 def write_tables(spec: dict, spec_path: Path) -> list[Path]:
