@@ -24,6 +24,8 @@ from utils import UserError
 THOUGHT_FEEDBACK = ("hidden", "rescaled", "projected", "none")
 # the synthetic sets demo_data.py writes: colour grids (images) and graph reachability (text)
 DEMO_SETS = ("grid", "graph")
+# (fewest, most) moves per record of a demo set: three steps, one per curriculum stage of args/demo.yaml
+DEMO_MOVES = (3, 3)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Config:
     max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with non-finite gradients
     report_to: str = "none"  # none | wandb | tensorboard
     generate_demo_data: str = "none"  # grid | graph: write that demo_data.py set when train_path's folder lacks it
+    demo_moves: list = field(default_factory=lambda: list(DEMO_MOVES))  # [fewest, most] moves per demo record
     # {stage: {key: value}}: keys (STAGE_KEYS) that change from a given curriculum stage on
     stage_overrides: dict = field(default_factory=dict)
 
@@ -111,6 +114,7 @@ _TYPE_NAMES = {
     "float": "a number",
     "bool": "true or false",
     "dict": "a mapping",
+    "list": "a list",
 }
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -133,6 +137,7 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "dict": isinstance(value, dict),
+        "list": isinstance(value, list),
     }[kind]
     if not ok:
         raise UserError(f"{where}: key '{key}' must be {_TYPE_NAMES[kind]}, got {value!r}; fix its value")
@@ -316,6 +321,7 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         )
     if config.eval_stage < -1:
         raise UserError(f"{where}: eval_stage must be -1 (the last stage) or a stage number, got {config.eval_stage}")
+    check_demo_moves(config.demo_moves, f"{where}: demo_moves")
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise UserError(f"{where}: uniform_prob must be between 0 and 1, got {config.uniform_prob}")
     for key in ("{image}", "{question}"):
@@ -327,6 +333,15 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         raise UserError(
             f"{where}: prompt_template may name only {{image}} and {{question}}; write other braces as {{{{ and }}}}"
         ) from None
+
+
+def check_demo_moves(moves: Any, where: str) -> tuple[int, int]:
+    """`moves` as (fewest, most) moves per demo record, or a UserError naming `where`: two integers with
+    1 <= fewest <= most."""
+    ints = isinstance(moves, (list, tuple)) and all(isinstance(m, int) and not isinstance(m, bool) for m in moves)
+    if not ints or len(moves) != 2 or not 1 <= moves[0] <= moves[1]:
+        raise UserError(f"{where} must be two integers fewest, most with 1 <= fewest <= most, got {moves!r}")
+    return moves[0], moves[1]
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:

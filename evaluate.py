@@ -96,10 +96,14 @@ def generate_answers(
     """Greedy answers to every prompt of `data` (a `prompts()` view), each at most max_new_tokens long.
 
     Returns one row per prompt on every rank, in order: its index in `data`, the prediction (the text after the
-    answer mark), the generated tokens (up to and including EOS) and the prompt's share of its batch's latency.
-    `controls` replaces the images or the thoughts, to measure how much the answers depend on them.
+    answer mark), the generated tokens (up to and including EOS), the sequential decoder passes the answer took
+    (`passes`) and the prompt's share of its batch's latency. `controls` replaces the images or the thoughts, to
+    measure how much the answers depend on them.
     """
     generate, eos = unwrap(model).generate, data.eos_id
+    # latents computed from a hidden state each take a pass of their own; under `none` feedback or the pause
+    # control they are ordinary tokens, read with the rest of the prompt in one pass
+    thought_passes = unwrap(model).thought_feedback != "none" and controls.thoughts != "pause"
     decode = data.encoding.tokenizer.decode
     rows = []
     batches = _batches(data, batch_size, job.dist.rank, job.dist.world_size)
@@ -117,13 +121,17 @@ def generate_answers(
             )
         new = out[:, batch["input_ids"].shape[1] :].tolist()  # waits for the device, so the latency is whole
         latency = (time.perf_counter() - start) / len(out)
-        for (index, counted), tokens in zip(chunk, new):
+        thoughts = (batch["input_ids"] == data.latent_id).sum(1).tolist() if thought_passes else [0] * len(out)
+        for (index, counted), tokens, n_thoughts in zip(chunk, new, thoughts):
             if not counted:
                 continue
             if eos in tokens:
                 tokens = tokens[: tokens.index(eos) + 1]
             prediction = extract_answer(decode(tokens, skip_special_tokens=True))
-            rows.append({"index": index, "prediction": prediction, "gen_tokens": len(tokens), "latency_s": latency})
+            # the prompt's last pass gives the first token, each further token takes one more
+            passes = n_thoughts + len(tokens)
+            rows.append({"index": index, "prediction": prediction, "gen_tokens": len(tokens), "passes": passes,
+                         "latency_s": latency})  # fmt: skip
     return sorted((row for part in gather_objects(rows) for row in part), key=lambda row: row["index"])
 
 
@@ -131,7 +139,8 @@ def generate_and_score(
     model: nn.Module, data: CoconutDataset, job: Job, batch_size: int, controls: Controls = NO_CONTROLS
 ) -> list[dict]:
     """`generate_answers` scored against the records: one row per example on every rank, in order of the records'
-    places in their file: index (that place), id, prediction, answer, correct, gen_tokens, latency_s, meta."""
+    places in their file: index (that place), id, prediction, answer, correct, gen_tokens, passes, latency_s,
+    meta."""
     rows = []
     for generated in generate_answers(model, data, job, batch_size, controls):
         record, position = data.records[generated["index"]], data.positions[generated["index"]]
@@ -144,6 +153,7 @@ def generate_and_score(
                 "answer": record["answer"],
                 "correct": is_correct(prediction, record["answer"], record.get("choices")),
                 "gen_tokens": generated["gen_tokens"],
+                "passes": generated["passes"],
                 "latency_s": generated["latency_s"],
                 "meta": record.get("meta", {}),
             }
@@ -152,11 +162,13 @@ def generate_and_score(
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Accuracy, mean generated tokens and mean latency per example of `generate_and_score` rows."""
+    """Accuracy, mean generated tokens, mean sequential decoder passes and mean latency per example of
+    `generate_and_score` rows."""
     n = max(len(rows), 1)
     return {
         "accuracy": sum(r["correct"] for r in rows) / n,
         "gen_tokens": sum(r["gen_tokens"] for r in rows) / n,
+        "passes": sum(r["passes"] for r in rows) / n,
         "latency_s": sum(r["latency_s"] for r in rows) / n,
         "n": len(rows),
     }

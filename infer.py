@@ -219,7 +219,8 @@ def compare(
     device: torch.device,
 ) -> list[dict]:
     """Evaluate each exported folder (at its own mode and stage) on the same records, one row per method, plus a
-    row for each of the method's `controls`: method, mode, stage, accuracy, gen_tokens, latency_ms, n."""
+    row for each of the method's `controls`: method, mode, stage, accuracy, gen_tokens, passes (sequential decoder
+    passes), latency_ms, n."""
     rows = []
     for name, folder in methods.items():
         exported = load_exported(folder, device)
@@ -235,6 +236,7 @@ def compare(
                     "stage": exported.stage,
                     "accuracy": result["accuracy"],
                     "gen_tokens": result["gen_tokens"],
+                    "passes": result["passes"],
                     "latency_ms": 1000 * result["latency_s"],
                     "n": result["n"],
                 }
@@ -279,7 +281,11 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def answer_main(argv: list[str]) -> None:
     """`python infer.py FOLDER (--image IMG --question Q | --records FILE) ...`: answers, accuracy, probes."""
-    parser = argparse.ArgumentParser(description="Answer questions with an exported Coconut model.")
+    parser = argparse.ArgumentParser(
+        description="Answer questions with an exported Coconut model.",
+        epilog="To compare methods on one test set: python infer.py compare NAME=FOLDER ... --records FILE "
+        "(see python infer.py compare --help).",
+    )
     parser.add_argument("folder", help="an exported folder (with coconut.json)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--question", help="one question (with --image, or text only)")

@@ -114,19 +114,21 @@ def plot_metrics(path: Path, out: Path) -> Path:
 
 
 def method_table(rows: list[dict]) -> str:
-    """The comparison of methods (rows of `infer.compare`) as a Markdown table: accuracy, mean generated tokens
-    and mean latency per example."""
+    """The comparison of methods (rows of `infer.compare`) as a Markdown table: accuracy, mean generated tokens,
+    mean sequential decoder passes (continuous thoughts + generated tokens) and mean latency per example."""
     body = [
         [
             r["method"],
             r["mode"] + (f", stage {r['stage']}" if r["mode"] == "coconut" else ""),
             f"{r['accuracy']:.3f}",
             f"{r['gen_tokens']:.1f}",
+            f"{r['passes']:.1f}",
             f"{r['latency_ms']:.1f}",
         ]
         for r in rows
     ]
-    return format_table(["method", "mode", "accuracy", "mean generated tokens", "mean latency (ms/example)"], body)
+    header = ["method", "mode", "accuracy", "mean generated tokens", "mean passes", "mean latency (ms/example)"]
+    return format_table(header, body)
 
 
 def plot_methods(rows: list[dict], out: Path) -> Path:

@@ -51,12 +51,12 @@ def run_job(args: argparse.Namespace) -> None:
     if config.generate_demo_data != "none":
         import demo_data
 
-        folder = str(Path(config.train_path).parent)
+        folder, moves = str(Path(config.train_path).parent), tuple(config.demo_moves)
         if info.is_main and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
-            demo_data.generate(folder, config.generate_demo_data)  # one set for every seed of the run
+            demo_data.generate(folder, config.generate_demo_data, moves=moves)  # one set for every seed of the run
         if info.world_size > 1:
             dist.barrier()
-        demo_data.check(folder, config.generate_demo_data)
+        demo_data.check(folder, config.generate_demo_data, moves)
     model, tokenizer = build_model(config)
     if config.only_eval:
         evaluate_only(config, job, model, tokenizer)

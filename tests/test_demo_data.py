@@ -13,28 +13,47 @@ from PIL import Image
 import demo_data
 import make_demo_data
 import run
+from config import load_config
 from models.internvl import build_tiny_tokenizer
 from records import load_records
 from utils import UserError
 
+ARROWS = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}  # right, down, left, up
+RGB = {(240, 110, 180): "pink", (40, 80, 220): "blue", (80, 200, 60): "lime", (230, 180, 30): "gold"}
+CELLS = "abcdefghijklmnop"  # row by row
+
+
+def grid_walk(folder: Path, record: dict, moves: int) -> list[str]:
+    """The steps of `moves` moves from the question's start cell, read off the record's image."""
+    image = Image.open(folder / record["image"]).convert("RGB")
+    assert image.size == (64, 64)
+    colour = [[RGB[image.getpixel((16 * c + 8, 16 * r + 8))] for c in range(4)] for r in range(4)]
+    r, c = divmod(CELLS.index(record["question"][-1]), 4)
+    steps = []
+    for _ in range(moves):
+        left, read = CELLS[4 * r + c], colour[r][c]
+        r, c = (r + ARROWS[read][0]) % 4, (c + ARROWS[read][1]) % 4
+        steps.append(f"{left} {read} {CELLS[4 * r + c]}")
+    return steps
+
+
+def graph_walk(record: dict, moves: int) -> list[str]:
+    """The steps of `moves` edges followed from the question's start node, read off its table."""
+    table, start = record["question"].split(" from ")
+    edges = dict(zip(CELLS, table))  # the k-th letter: where node k leads
+    assert len(table) == 16 and all(a != b for a, b in edges.items())  # no edge back to its own node
+    path = [start]
+    for _ in range(moves):
+        path.append(edges[path[-1]])
+    return [f"{a}>{b}" for a, b in zip(path, path[1:])]
+
 
 def test_grid_steps_restate_their_cell_and_the_answer_is_the_cell_reached(tmp_path: Path) -> None:
     demo_data.generate(str(tmp_path), seed=3, sizes={"train": 200})
-    arrows = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}  # right, down, left, up
-    rgb = {(240, 110, 180): "pink", (40, 80, 220): "blue", (80, 200, 60): "lime", (230, 180, 30): "gold"}
-    cells = "abcdefghijklmnop"  # row by row
     records = load_records(str(tmp_path / "train.jsonl"))
     for record in records:
-        image = Image.open(tmp_path / record["image"]).convert("RGB")
-        assert image.size == (64, 64)
-        colour = [[rgb[image.getpixel((16 * c + 8, 16 * r + 8))] for c in range(4)] for r in range(4)]
-        r, c = divmod(cells.index(record["question"][-1]), 4)
-        steps = []
-        for _ in range(3):
-            left, read = cells[4 * r + c], colour[r][c]
-            r, c = (r + arrows[read][0]) % 4, (c + arrows[read][1]) % 4
-            steps.append(f"{left} {read} {cells[4 * r + c]}")
-        assert record["steps"] == steps and record["answer"] == cells[4 * r + c]
+        steps = grid_walk(tmp_path, record, 3)
+        assert record["steps"] == steps and record["answer"] == steps[-1][-1]
     # the phrasings vary, so no reading position is fixed; the answers spread over the cells
     assert len({record["question"][:-1] for record in records}) == 6
     assert len({record["answer"] for record in records}) == 16
@@ -50,13 +69,8 @@ def test_graph_set_needs_three_chained_lookups_and_answers_the_node_reached(tmp_
         assert record["image"] is None and len(record["steps"]) == 3
         text = record["question"] + "\n" + "\n".join(record["steps"]) + "\n### " + record["answer"]
         assert len(text) < 48 and len(tokenizer(text)["input_ids"]) == len(text)  # one token per character
-        table, start = record["question"].split(" from ")
-        edges = dict(zip("abcdefghijklmnop", table))  # the k-th letter: where node k leads
-        assert len(table) == 16 and all(a != b for a, b in edges.items())  # no edge back to its own node
-        path = [start]
-        for _ in range(3):
-            path.append(edges[path[-1]])
-        assert record["steps"] == [f"{a}>{b}" for a, b in zip(path, path[1:])] and record["answer"] == path[-1]
+        steps = graph_walk(record, 3)
+        assert record["steps"] == steps and record["answer"] == steps[-1][-1]
     # the answers spread over the nodes: nothing to learn without the look-ups
     assert len({record["answer"] for record in records}) == 16
 
@@ -113,3 +127,92 @@ def test_runs_of_every_seed_share_the_demo_set_of_seed_0(tmp_path: Path) -> None
     demo_data.generate(str(tmp_path / "seed-0"), "graph", seed=0)
     for split in ("train", "val", "test"):
         assert (folder / f"{split}.jsonl").read_bytes() == (tmp_path / "seed-0" / f"{split}.jsonl").read_bytes()
+
+
+# seed 0's first training records of the three-move sets (args/demo.yaml's and args/demo_text.yaml's)
+GRID_SEED_0 = [
+    {"question": "at i", "steps": ["i lime l", "l lime k", "k blue o"], "answer": "o"},
+    {"question": "go from o", "steps": ["o gold k", "k lime j", "j gold f"], "answer": "f"},
+]
+GRAPH_SEED_0 = [
+    {"question": "ohnphaejhgpnoehf from g", "steps": ["g>e", "e>h", "h>j"], "answer": "j"},
+    {"question": "jdfcnbknepimnjpc from j", "steps": ["j>p", "p>c", "c>f"], "answer": "f"},
+]
+
+
+@pytest.mark.parametrize("task, expected", [("grid", GRID_SEED_0), ("graph", GRAPH_SEED_0)])
+def test_three_moves_write_the_three_move_sets_unchanged(tmp_path: Path, task: str, expected: list[dict]) -> None:
+    demo_data.generate(str(tmp_path / "default"), task, sizes={"train": 40})
+    demo_data.generate(str(tmp_path / "range"), task, sizes={"train": 40}, moves=(3, 3))
+    default, ranged = (
+        (tmp_path / "default" / "train.jsonl").read_bytes(),
+        (tmp_path / "range" / "train.jsonl").read_bytes(),
+    )
+    assert default == ranged
+    records = load_records(str(tmp_path / "default" / "train.jsonl"))
+    assert [{key: r[key] for key in ("question", "steps", "answer")} for r in records[:2]] == expected
+    manifest = json.loads((tmp_path / "default" / demo_data.MANIFEST).read_text())
+    assert manifest == {"task": task, "seed": 0, "moves": [3, 3]}
+
+
+def test_the_hard_set_draws_3_to_6_moves_evenly_and_walks_them(tmp_path: Path) -> None:
+    config = load_config("args/demo_hard.yaml")
+    assert (config.demo_moves, config.max_latent_stage, config.generate_demo_data) == ([3, 6], 6, "grid")
+    make_demo_data.main([str(tmp_path), "--moves", "3", "6"])  # seed 0, as the run writes it
+    records = load_records(str(tmp_path / "train.jsonl"))
+    assert len(records) == 8000
+    counts = {moves: sum(len(r["steps"]) == moves for r in records) for moves in range(1, 10)}
+    assert sum(counts[m] for m in (3, 4, 5, 6)) == 8000
+    assert all(abs(counts[m] / 8000 - 1 / 4) < 0.02 for m in (3, 4, 5, 6)), counts
+    for record in records:
+        steps = grid_walk(tmp_path, record, len(record["steps"]))
+        assert record["steps"] == steps and record["answer"] == steps[-1][-1]
+    assert json.loads((tmp_path / demo_data.MANIFEST).read_text())["moves"] == [3, 6]
+    demo_data.check(str(tmp_path), "grid", (3, 6))
+
+
+def test_graph_records_take_their_moves_from_the_range(tmp_path: Path) -> None:
+    demo_data.generate(str(tmp_path), "graph", seed=2, sizes={"train": 400}, moves=(1, 4))
+    records = load_records(str(tmp_path / "train.jsonl"))
+    assert {len(r["steps"]) for r in records} == {1, 2, 3, 4}
+    for record in records:
+        steps = graph_walk(record, len(record["steps"]))
+        assert record["steps"] == steps and record["answer"] == steps[-1][-1]
+
+
+def test_a_set_of_other_moves_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "grid"
+    demo_data.generate(str(folder), seed=0, sizes={"train": 4, "val": 2}, moves=(3, 6))
+    demo_data.check(str(folder), "grid", (3, 6))
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+        run.main(["args/demo.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl",
+                  f"save_path={tmp_path}"])  # fmt: skip
+    assert stop.value.code == 2
+    assert stderr.getvalue().splitlines() == [
+        f"error: {folder}/{demo_data.MANIFEST}: {folder} holds the grid set with 3-6 moves per record, the config "
+        f"asks for 3-3 (demo_moves); delete {folder} and the run writes that set, or set demo_moves: [3, 6]"
+    ]
+    # a manifest without moves holds a three-move set
+    demo_data.generate(str(folder), seed=0, sizes={"train": 4, "val": 2})
+    (folder / demo_data.MANIFEST).write_text(json.dumps({"task": "grid", "seed": 0}) + "\n")
+    demo_data.check(str(folder), "grid")
+    with pytest.raises(UserError, match="holds the grid set with 3-3 moves per record, the config asks for 3-6"):
+        demo_data.check(str(folder), "grid", (3, 6))
+
+
+@pytest.mark.parametrize("moves", ["[4, 3]", "[0, 2]", "[3]", "[3, 4.5]", "[true, 3]"])
+def test_bad_demo_moves_stop_with_one_line(moves: str) -> None:
+    with pytest.raises(UserError, match=r"demo_moves must be two integers fewest, most with 1 <= fewest <= most"):
+        load_config("args/demo.yaml", [f"demo_moves={moves}"])
+
+
+def test_bad_moves_on_the_command_line_stop_with_one_line(tmp_path: Path) -> None:
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+        make_demo_data.main([str(tmp_path), "--moves", "4", "3"])
+    assert stop.value.code == 2
+    assert stderr.getvalue().splitlines() == [
+        "error: --moves must be two integers fewest, most with 1 <= fewest <= most, got [4, 3]"
+    ]
+    assert not (tmp_path / "train.jsonl").exists()

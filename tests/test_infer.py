@@ -19,7 +19,7 @@ from checkpoint import export_pretrained
 from config import Config
 from dataset import CoconutDataset
 from distributed import DistInfo, Job
-from evaluate import Controls, generate_and_score
+from evaluate import Controls, generate_and_score, summarize
 from models import encoding_for, load_base
 from utils import UserError
 
@@ -64,8 +64,9 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     rows = [json.loads(line) for line in (results / "predictions.jsonl").read_text().splitlines()]
     evaluation = json.loads((results / "eval.json").read_text())
     assert (evaluation["n"], evaluation["stage"], evaluation["records"]) == (6, 2, str(records))
+    assert (evaluation["gen_tokens"], evaluation["passes"]) == (8, 2 + 8)  # stage 2's two thoughts, then 8 tokens
     assert len(rows) == 6
-    assert {"id", "prediction", "answer", "correct", "gen_tokens", "latency_s", "thoughts"} <= set(rows[0])
+    assert {"id", "prediction", "answer", "correct", "gen_tokens", "passes", "latency_s", "thoughts"} <= set(rows[0])
     assert all(len(row["thoughts"]) == 2 and all(len(t) == 2 for t in row["thoughts"]) for row in rows)
 
     base, tokenizer = load_base(str(exported / "coconut"))
@@ -74,7 +75,7 @@ def test_records_give_the_predictions_of_generate_and_score(exported, capsys):
     prompts.set_stage(2)
     job = Job(DistInfo(0, 0, 1), torch.device("cpu"))
     expected = generate_and_score(make_coconut(base.eval(), tokenizer), prompts, job, batch_size=4)
-    keys = ("id", "prediction", "answer", "correct", "gen_tokens")
+    keys = ("id", "prediction", "answer", "correct", "gen_tokens", "passes")
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in expected]
 
 
@@ -105,6 +106,40 @@ def reference_thoughts(base, input_ids: list[int], pixel_values, latent_id: int)
     return torch.stack(thoughts)
 
 
+@pytest.mark.parametrize(
+    "stage, c_thought, feedback, control, thoughts",
+    [
+        (2, 1, "hidden", "model", 2),
+        (3, 2, "hidden", "model", 6),
+        (3, 2, "hidden", "noise", 6),  # noise of a hidden state's norm: still computed from it, pass by pass
+        (3, 2, "hidden", "pause", 0),
+        (3, 2, "none", "model", 0),
+    ],
+)
+def test_passes_are_the_thoughts_fed_back_plus_the_generated_tokens(
+    exported, stage, c_thought, feedback, control, thoughts
+):
+    # every demo record has 3 steps: stage k with c_thought c puts k * c latents in its prompt
+    config = dataclasses.replace(COCONUT, c_thought=c_thought, max_latent_stage=3, thought_feedback=feedback)
+    base, tokenizer = load_base(str(exported / "coconut"))
+    model = make_coconut(base.eval(), tokenizer, thought_feedback=feedback)
+    prompts = CoconutDataset.from_file(str(exported / "data" / "test.jsonl"), encoding_for(base, tokenizer, config))
+    prompts = prompts.prompts()
+    prompts.set_stage(stage)
+    assert all(prompts[i]["input_ids"].count(prompts.latent_id) == stage * c_thought for i in range(len(prompts)))
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:  # one record per batch: the decoder calls are that record's sequential passes
+        rows = generate_and_score(
+            model, prompts, Job(DistInfo(0, 0, 1), torch.device("cpu")), 1, Controls(thoughts=control)
+        )
+    finally:
+        hook.remove()
+    assert [r["passes"] for r in rows] == [thoughts + r["gen_tokens"] for r in rows]
+    assert sum(r["passes"] for r in rows) == len(calls)
+    assert summarize(rows)["passes"] == thoughts + summarize(rows)["gen_tokens"]
+
+
 @pytest.mark.parametrize("stage, c_thought", [(2, 1), (1, 2)])
 def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought):
     model = infer.load_exported(str(exported / "coconut"), torch.device("cpu"))
@@ -132,7 +167,7 @@ def test_compare_writes_the_table_json_and_plot(exported, tmp_path, capsys):
     records = str(exported / "data" / "test.jsonl")
     infer.main(["compare", *methods, "--records", records, "--blank", "coconut", "--out", str(tmp_path)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 + 3 and "mean latency (ms/example)" in table[0]
+    assert len(table) == 2 + 3 and "| mean generated tokens | mean passes | mean latency (ms/example) |" in table[0]
     rows = json.loads((tmp_path / "compare.json").read_text())["methods"]
     assert [(r["method"], r["mode"], r["stage"], r["n"]) for r in rows] == [
         ("coconut", "coconut", 2, 6),
@@ -140,7 +175,16 @@ def test_compare_writes_the_table_json_and_plot(exported, tmp_path, capsys):
         ("cot", "cot", 0, 6),
     ]
     assert all(r["latency_ms"] > 0 and r["gen_tokens"] == 8 for r in rows)
+    assert [r["passes"] for r in rows] == [2 + 8, 2 + 8, 8]  # coconut's 2 thoughts (stage 2) + its 8 tokens; cot
+    assert [line.split(" | ")[4] for line in table[2:]] == ["10.0", "10.0", "8.0"]
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_help_names_the_compare_subcommand(capsys):
+    with pytest.raises(SystemExit) as stop:
+        infer.main(["--help"])
+    assert stop.value.code == 0
+    assert "python infer.py compare NAME=FOLDER" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(
