@@ -231,8 +231,9 @@ def plot_ablation(results: dict[str, dict], out: Path) -> Path:
 
 def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[str, dict]:
     """Per variant, over its seeds whose run finished and was evaluated on the test set (`ablate.py` writes
-    `<folder>/<variant>/seed<k>/test/eval.json`): test accuracy, generated tokens per answer, the last epoch's
-    validation accuracy, the minutes of training, and the machine and commit each run trained on."""
+    `<folder>/<variant>/seed<k>/test/eval.json`): test accuracy, sequential decoder passes (thoughts and generated
+    tokens) and generated tokens per answer, the last epoch's validation accuracy, the minutes of training, and the
+    machine and commit each run trained on."""
     results = {}
     for variant in variants:
         runs = [folder / variant / f"seed{seed}" for seed in seeds]
@@ -243,6 +244,7 @@ def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[st
         statuses = [json.loads((run / "ablation.json").read_text()) for run in runs]
         results[variant] = {
             "test_accuracy": [t["accuracy"] for t in tests],
+            "passes": [t["passes"] for t in tests],
             "gen_tokens": [t["gen_tokens"] for t in tests],
             "val_accuracy": [read_metrics(run / "metrics.jsonl")[-1]["val_accuracy"] for run in runs],
             "minutes": [s["minutes"] for s in statuses],
@@ -255,13 +257,23 @@ def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[st
 def results_table(results: dict[str, dict], steps: dict[str, int]) -> str:
     """`test_results` as a Markdown table: a row per variant, each value's mean ± sd (min-max) over the seeds, and
     the optimizer steps of a run of the variant (`steps`)."""
-    header = ["variant", "seeds", "test accuracy", "val accuracy", "generated tokens", "optimizer steps", "minutes"]
+    header = [
+        "variant",
+        "seeds",
+        "test accuracy",
+        "val accuracy",
+        "passes",
+        "generated tokens",
+        "optimizer steps",
+        "minutes",
+    ]
     rows = [
         [
             name,
             len(r["minutes"]),
             _spread(r["test_accuracy"], 3),
             _spread(r["val_accuracy"], 3),
+            _spread(r["passes"], 1),
             _spread(r["gen_tokens"], 1),
             steps[name],
             _spread(r["minutes"], 1),

@@ -4,6 +4,7 @@ row one budget."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,16 +106,24 @@ def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
             assert "1 thread per run" in (run / "ablation.json").read_text()  # pinned, one thread
             assert "resumed" not in (run / "ablation.log").read_text()
     assert [m["stage"] for m in metrics(tmp_path / "runs" / "cot" / "seed0")] == [0, 0]
+    tests = {
+        v: json.loads((tmp_path / "runs" / v / "seed0" / "test" / "eval.json").read_text()) for v in ("cot", "coconut")
+    }
+    assert tests["cot"]["passes"] == tests["cot"]["gen_tokens"]  # a pass per generated token
+    assert tests["coconut"]["passes"] == tests["coconut"]["gen_tokens"] + 2  # and one per thought (c_thought 2)
     again = run_ablate(path)  # all trained and tested: nothing runs again
     assert again.returncode == 0, again.stderr[-2000:]
     assert "ablation: " not in again.stdout and "test: " not in again.stdout
     results = (tmp_path / "runs" / "results.md").read_text()
     assert "- seeds: 0, 1" in results and "1 thread per run (4 runs)" in results and "- commit: " in results
     table = results.split("\n\n")[-1].splitlines()
-    assert table[0].startswith("| variant | seeds | test accuracy | val accuracy | generated tokens | optimizer steps")
+    header = (
+        "| variant | seeds | test accuracy | val accuracy | passes | generated tokens | optimizer steps | minutes |"
+    )
+    assert table[0] == header
     # 32 training records in batches of 8: 4 optimizer steps an epoch, 2 epochs
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| cot", "2"], ["| coconut", "2"]]
-    assert all(row.count(" ± ") == 4 and " | 8 | " in row for row in table[2:])
+    assert all(row.count(" ± ") == 5 and " | 8 | " in row for row in table[2:])
     assert "trains stage 0 throughout" in results and (tmp_path / "runs" / "results.png").stat().st_size > 0
 
 
@@ -172,5 +181,5 @@ def test_runs_side_by_side_find_their_demo_set_written(tmp_path):
     folder = tmp_path / "graph"
     spec["overrides"] |= {"train_path": str(folder / "train.jsonl"), "val_path": str(folder / "val.jsonl")}
     ablate.write_demo_sets(spec, {"cot", "coconut"})
-    demo_data.check(str(folder), "graph")
+    demo_data.check(str(folder), "graph", tuple(ablate.variant_config(spec, "cot").demo_moves))
     assert (folder / "test.jsonl").is_file()

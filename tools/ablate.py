@@ -212,7 +212,8 @@ def write_demo_sets(spec: dict, variants: set[str]) -> None:
         if config.generate_demo_data != "none" and not all(
             Path(path).exists() for path in (config.train_path, config.val_path)
         ):
-            demo_data.generate(str(Path(config.train_path).parent), config.generate_demo_data)
+            folder, moves = str(Path(config.train_path).parent), tuple(config.demo_moves)
+            demo_data.generate(folder, config.generate_demo_data, moves=moves)
 
 
 def write_tables(spec: dict, spec_path: Path) -> list[Path]:
