@@ -248,8 +248,9 @@ def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[st
             "gen_tokens": [t["gen_tokens"] for t in tests],
             "val_accuracy": [read_metrics(run / "metrics.jsonl")[-1]["val_accuracy"] for run in runs],
             "minutes": [s["minutes"] for s in statuses],
-            "machines": [s["machine"] for s in statuses],
-            "commits": [s["commit"] for s in statuses],
+            # runs trained before ablate.py recorded them say so
+            "machines": [s.get("machine", "not recorded") for s in statuses],
+            "commits": [s.get("commit", "not recorded") for s in statuses],
         }
     return results
 

@@ -1,8 +1,8 @@
 """Train one config under a list of variants and several seeds, test each run, tabulate and plot over the seeds.
 
-    python tools/ablate.py args/ablation.yaml             # trains what is missing, then writes the tables and plots
-    python tools/ablate.py args/ablation.yaml --only paper           # just these variants (tables: every finished)
-    python tools/ablate.py args/baselines.yaml --jobs 2   # two runs side by side, each on one core with one thread
+    python tools/ablate.py args/ablation.yaml               # trains what is missing, then writes tables and plots
+    python tools/ablate.py args/ablation.yaml --only paper  # just these variants (the tables: every finished run)
+    python tools/ablate.py args/baselines.yaml --jobs 2     # two runs side by side, each one core and one thread
 
 The spec names the run config, the seeds, the folder, overrides shared by every run, the variants (each a
 mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key) and, with
@@ -67,8 +67,7 @@ def read_spec(path: Path) -> dict:
 
 def override_args(values: dict) -> list[str]:
     """`key=value` arguments for run.py; mappings and lists as YAML flow text, which run.py reads back."""
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in values.items()]  # fmt: skip
+    return [f"{key}={_flow(value)}" for key, value in values.items()]
 
 
 def run_overrides(spec: dict, variant: str) -> dict:
@@ -175,9 +174,9 @@ def run_all(spec: dict, runs: list[tuple[str, int]], jobs: int, written: Callabl
     cores = sorted(os.sched_getaffinity(0))
     if jobs > len(cores):
         raise UserError(f"--jobs {jobs}: this process may use {len(cores)} cores; give each run its own")
-    if jobs > 1 and shutil.which("taskset") is None:
-        raise UserError(f"--jobs {jobs} pins each run to a core with taskset, which is not installed (util-linux)")
     if jobs > 1:
+        if shutil.which("taskset") is None:
+            raise UserError(f"--jobs {jobs} pins each run to a core with taskset, which is not installed (util-linux)")
         write_demo_sets(spec, {variant for variant, _ in runs})
     free: queue.SimpleQueue = queue.SimpleQueue()
     for core in cores[:jobs] if jobs > 1 else [None]:
@@ -240,9 +239,8 @@ def results_text(spec: dict, spec_path: Path, results: dict[str, dict]) -> str:
     samples = {path: len(load_records(path)) for path in {config.train_path for config in configs.values()}}
     steps = {}
     for variant, schedule in schedules.items():
-        records = samples[configs[variant].train_path]
-        steps[variant] = sum(schedule.epoch_steps(epoch, records) for epoch in range(len(schedule.stages)))
-
+        n = samples[configs[variant].train_path]
+        steps[variant] = sum(schedule.epoch_steps(epoch, n) for epoch in range(len(schedule.stages)))
     records = ", ".join(f"{path} ({n} records)" for path, n in samples.items())
 
     def counted(key: str) -> str:
@@ -268,9 +266,9 @@ def results_text(spec: dict, spec_path: Path, results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _flow(values: dict) -> str:
-    """A mapping as one line of YAML flow text ({} for none)."""
-    return yaml.safe_dump(values, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+def _flow(value: object) -> str:
+    """A value as one line of YAML flow text (a mapping as {key: value, ...}, {} for none)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 @entry_point
