@@ -64,6 +64,7 @@ class Config:
     c_thought: int = 1  # latents per removed step
     max_latent_stage: int = 3  # the last stage that adds latents; later stages remove every step
     epochs_per_stage: int = 1  # epochs each curriculum stage trains
+    train_stage: int = -1  # k >= 0: every epoch trains stage k's sequences, on the curriculum's schedule; -1: off
     pad_latent_to_max: bool = False  # give every record the stage's full latents, even with fewer steps
     uniform_prob: float = 0.0  # chance that a training item takes a stage drawn uniformly from 0..its steps
     thought_feedback: str = "hidden"  # a thought's input: hidden (the paper), rescaled, projected, none (pause)
@@ -315,6 +316,13 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
             raise UserError(f"{where}: {key} must be at least 0, got {getattr(config, key)}")
     if config.log_every and config.report_to == "none":
         raise UserError(f"{where}: log_every sends step metrics to report_to's tracker; set report_to or log_every: 0")
+    if config.train_stage < -1:
+        raise UserError(f"{where}: train_stage must be -1 (each epoch's own stage) or a stage number")
+    if config.train_stage > 0 and not config.coconut:
+        raise UserError(
+            f"{where}: cot and no_cot train the same sequences at every stage; set train_stage 0 (the curriculum's "
+            f"schedule) or -1 (one stage), got {config.train_stage}"
+        )
     if config.eval_stage < -1:
         raise UserError(f"{where}: eval_stage must be -1 (the last stage) or a stage number, got {config.eval_stage}")
     check_demo_moves(config.demo_moves, f"{where}: demo_moves")

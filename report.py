@@ -1,5 +1,6 @@
 """Human-readable views of a run's metrics.jsonl (one line per epoch, a table per stage, a PNG plot), of a method
-comparison (infer.py compare) and of an ablation over variants and seeds (tools/ablate.py).
+comparison (infer.py compare) and of an ablation over variants and seeds (tools/ablate.py): each stage's validation
+accuracy, and each variant's test results.
 `python tools/show_run.py <run>/metrics.jsonl` prints a run's stage table and redraws its plot.
 """
 
@@ -10,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from config import Config
+from curriculum import Schedule
 from utils import UserError, atomic_write_text
 
 
@@ -232,3 +234,100 @@ def plot_ablation(results: dict[str, dict], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Per variant, over its seeds whose run finished and was evaluated on the test set (`ablate.py` writes
+    `<folder>/<variant>/seed<k>/test/eval.json`): test accuracy, sequential decoder passes (thoughts and generated
+    tokens) and generated tokens per answer, the last epoch's validation accuracy, the minutes of training, and the
+    machine and commit each run trained on."""
+    results = {}
+    for variant in variants:
+        runs = [folder / variant / f"seed{seed}" for seed in seeds]
+        runs = [run for run in runs if _finished(run) and (run / "test" / "eval.json").exists()]
+        if not runs:
+            continue
+        tests = [json.loads((run / "test" / "eval.json").read_text()) for run in runs]
+        statuses = [json.loads((run / "ablation.json").read_text()) for run in runs]
+        results[variant] = {
+            "test_accuracy": [t["accuracy"] for t in tests],
+            "passes": [t["passes"] for t in tests],
+            "gen_tokens": [t["gen_tokens"] for t in tests],
+            "val_accuracy": [read_metrics(run / "metrics.jsonl")[-1]["val_accuracy"] for run in runs],
+            "minutes": [s["minutes"] for s in statuses],
+            # runs trained before ablate.py recorded them say so
+            "machines": [s.get("machine", "not recorded") for s in statuses],
+            "commits": [s.get("commit", "not recorded") for s in statuses],
+        }
+    return results
+
+
+def results_table(results: dict[str, dict], steps: dict[str, int]) -> str:
+    """`test_results` as a Markdown table: a row per variant, each value's mean ± sd (min-max) over the seeds, and
+    the optimizer steps of a run of the variant (`steps`)."""
+    header = [
+        "variant",
+        "seeds",
+        "test accuracy",
+        "val accuracy",
+        "passes",
+        "generated tokens",
+        "optimizer steps",
+        "minutes",
+    ]
+    rows = [
+        [
+            name,
+            len(r["minutes"]),
+            _spread(r["test_accuracy"], 3),
+            _spread(r["val_accuracy"], 3),
+            _spread(r["passes"], 1),
+            _spread(r["gen_tokens"], 1),
+            steps[name],
+            _spread(r["minutes"], 1),
+        ]
+        for name, r in results.items()
+    ]
+    return format_table(header, rows)
+
+
+def plot_results(results: dict[str, dict], out: Path) -> Path:
+    """Test accuracy per variant: the mean as a bar, each seed's as a dot, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
+    means = [statistics.mean(results[n]["test_accuracy"]) for n in names]
+    bars = ax.bar(names, means, color="lightsteelblue")
+    ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize=8)
+    for x, name in enumerate(names):
+        values = results[name]["test_accuracy"]
+        ax.scatter([x] * len(values), values, color="black", s=12, zorder=3)
+    ax.set(ylabel="test accuracy", ylim=(0, 1.05), title="test accuracy (bar: mean over seeds; dots: seeds)")
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def schedule_text(schedule: Schedule) -> str:
+    """A run's schedule in one line: epochs per stage, the learning rate and its shape per stage (one value when
+    every stage has the same), batch, optimizer restarts and the stage whose sequences it trains."""
+    stages = sorted(set(schedule.stages))
+    configs = [schedule.configs[s] for s in stages]
+
+    def per_stage(values: list) -> str:
+        return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
+
+    trains = "each epoch at its own stage" if schedule.train_stage < 0 else f"stage {schedule.train_stage} throughout"
+    return (
+        f"epochs {'/'.join(str(schedule.stages.count(s)) for s in stages)} (stages {per_stage(stages)}), "
+        f"lr {per_stage([f'{c.lr:g}' for c in configs])} {per_stage([c.lr_schedule for c in configs])} "
+        f"after {per_stage([c.warmup_steps for c in configs])} warm-up steps, "
+        f"batch {per_stage([c.batch_size_training * c.gradient_accumulation_steps for c in configs])}, "
+        f"{'a new optimizer per stage' if schedule.reset_optimizer else 'one optimizer'}; trains {trains}"
+    )

@@ -1,16 +1,23 @@
-"""ablate.py on the tiny model: every (variant, seed) trains once, an interrupted ablation continues, and the
-table and plot summarise each stage's accuracy over the seeds."""
+"""ablate.py on the tiny model: every (variant, seed) trains and is tested once, an interrupted ablation continues,
+runs go side by side with --jobs, the tables and plots summarise the seeds, and the baseline specs give every
+row one budget."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import ROOT, metrics
 
 import ablate
+import demo_data
+import trainer
+from config import load_config
+from curriculum import Schedule
 
 SETTINGS = {
     "generate_demo_data": "none",
@@ -75,3 +82,104 @@ def test_a_variant_changes_the_shared_stage_overrides_key_by_key():
     assert paper["thought_loss_weight"] == 0.0 and paper["load_model_path"] == spec["overrides"]["load_model_path"]
     assert paper["stage_overrides"] == shared | {1: shared[1] | {"uniform_prob": 0.0}}
     assert ablate.run_overrides(spec, "rescaled")["stage_overrides"] == shared
+
+
+def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
+    overrides = SETTINGS | {"train_path": f"{data_dir}/train.jsonl", "val_path": f"{data_dir}/val.jsonl"}
+    spec = {
+        "config": "args/demo.yaml",
+        "seeds": [0, 1],
+        "save_path": str(tmp_path / "runs"),
+        "test_path": f"{data_dir}/val.jsonl",
+        "overrides": overrides,
+        "variants": {"cot": {"coconut": False, "cot": True, "train_stage": 0}, "coconut": {}},
+    }
+    path = tmp_path / "baselines.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    first = run_ablate(path, "--jobs", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("ablation: ") == 4 and first.stdout.count("test: ") == 4
+    for variant in spec["variants"]:
+        for seed in spec["seeds"]:
+            run = tmp_path / "runs" / variant / f"seed{seed}"
+            assert len(metrics(run)) == 2 and (run / "test" / "eval.json").is_file()
+            assert "1 thread per run" in (run / "ablation.json").read_text()  # pinned, one thread
+            assert "resumed" not in (run / "ablation.log").read_text()
+    assert [m["stage"] for m in metrics(tmp_path / "runs" / "cot" / "seed0")] == [0, 0]
+    tests = {
+        v: json.loads((tmp_path / "runs" / v / "seed0" / "test" / "eval.json").read_text()) for v in ("cot", "coconut")
+    }
+    assert tests["cot"]["passes"] == tests["cot"]["gen_tokens"]  # a pass per generated token
+    assert tests["coconut"]["passes"] == tests["coconut"]["gen_tokens"] + 2  # and one per thought (c_thought 2)
+    again = run_ablate(path)  # all trained and tested: nothing runs again
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ablation: " not in again.stdout and "test: " not in again.stdout
+    results = (tmp_path / "runs" / "results.md").read_text()
+    assert "- seeds: 0, 1" in results and "1 thread per run (4 runs)" in results and "- commit: " in results
+    table = results.split("\n\n")[-1].splitlines()
+    header = (
+        "| variant | seeds | test accuracy | val accuracy | passes | generated tokens | optimizer steps | minutes |"
+    )
+    assert table[0] == header
+    # 32 training records in batches of 8: 4 optimizer steps an epoch, 2 epochs
+    assert [row.split(" | ")[:2] for row in table[2:]] == [["| cot", "2"], ["| coconut", "2"]]
+    assert all(row.count(" ± ") == 5 and " | 8 | " in row for row in table[2:])
+    assert "trains stage 0 throughout" in results and (tmp_path / "runs" / "results.png").stat().st_size > 0
+
+
+def lr_trace(schedule: Schedule, samples: int) -> list[float]:
+    """The learning rate at every optimizer step of a run, as trainer.train_epoch sets it."""
+    trace, step = [], 0
+    for epoch in range(len(schedule.stages)):
+        if schedule.resets_optimizer(epoch):
+            step = 0
+        config, total = schedule.stage_config(epoch), schedule.lr_steps(epoch, samples)
+        for _ in range(schedule.epoch_steps(epoch, samples)):
+            trace.append(config.lr * trainer.lr_factor(step, total, config))
+            step += 1
+    return trace
+
+
+def budget(schedule: Schedule, samples: int) -> dict:
+    """What a run's optimisation is made of, beside what it trains on."""
+    epochs = range(len(schedule.stages))
+    keys = ("batch_size_training", "gradient_accumulation_steps", "lr", "weight_decay", "max_grad_norm")
+    return {
+        "steps": [schedule.epoch_steps(e, samples) for e in epochs],
+        "resets": [schedule.resets_optimizer(e) for e in epochs],
+        "lr": lr_trace(schedule, samples),
+        "optimizer": [[getattr(schedule.stage_config(e), k) for k in keys] for e in epochs],
+    }
+
+
+@pytest.mark.parametrize("name, demo", [("baselines.yaml", "demo.yaml"), ("baselines_text.yaml", "demo_text.yaml")])
+def test_the_baseline_rows_share_one_budget(name, demo):
+    spec = ablate.read_spec(ROOT / "args" / name)
+    assert set(spec["variants"]) == {"cot", "no_cot", "coconut", "paper", "pause", "no_curriculum", "no_thoughts"}
+    assert len(spec["seeds"]) >= 5 and len(set(spec["seeds"]) - set(range(7))) >= 2  # 0-6 chose the recipe
+    configs = {variant: ablate.variant_config(spec, variant) for variant in spec["variants"]}
+    assert configs["coconut"] == load_config(f"args/{demo}")  # the demo's recipe as it is
+    for samples in (8000, 1001):
+        budgets = {variant: budget(Schedule.from_config(c), samples) for variant, c in configs.items()}
+        assert all(b == budgets["coconut"] for b in budgets.values())
+        assert sum(budgets["coconut"]["steps"]) == len(budgets["coconut"]["lr"])
+    if name == "baselines.yaml":  # the issue's numbers: 15 epochs of 250 steps, a restart at each of 4 stages
+        assert sum(budget(Schedule.from_config(configs["cot"]), 8000)["steps"]) == 3750
+        paper, keys = load_config("args/demo_paper.yaml"), ("thought_loss_weight", "uniform_prob", "thought_feedback")
+        for stage in range(4):  # the paper row is args/demo_paper.yaml
+            row, own = configs["paper"].for_stage(stage), paper.for_stage(stage)
+            assert [getattr(row, k) for k in keys] == [getattr(own, k) for k in keys]
+    last = Schedule.from_config(configs["coconut"]).last_stage
+    assert [Schedule.from_config(configs[v]).last_stage for v in ("cot", "no_cot", "no_curriculum")] == [0, 0, last]
+    assert configs["cot"].cot and configs["no_cot"].no_cot and configs["no_thoughts"].no_thoughts
+    assert configs["pause"].thought_feedback == "none" and configs["pause"].thought_loss_weight == 0
+
+
+def test_runs_side_by_side_find_their_demo_set_written(tmp_path):
+    """Two runs started together would both write a missing demo set; ablate.py writes it once before them."""
+    spec = ablate.read_spec(ROOT / "args" / "baselines_text.yaml")
+    folder = tmp_path / "graph"
+    spec["overrides"] |= {"train_path": str(folder / "train.jsonl"), "val_path": str(folder / "val.jsonl")}
+    ablate.write_demo_sets(spec, {"cot", "coconut"})
+    demo_data.check(str(folder), "graph", tuple(ablate.variant_config(spec, "cot").demo_moves))
+    assert (folder / "test.jsonl").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import Config, load_config
+from curriculum import Schedule
 from utils import UserError
 
 
@@ -78,6 +79,8 @@ def test_stage_overrides_apply_from_their_stage_on(tmp_path):
         ("cot: true\ndist_timeout_s: 0\n", [], "dist_timeout_s must be at least 1"),
         ("cot: true\neval_stage: -9\n", [], "eval_stage must be -1"),
         ("cot: true\n", ["eval_batch_size=0"], "eval_batch_size must be at least 1"),
+        ("coconut: true\ntrain_stage: -2\n", [], "train_stage must be -1"),
+        ("no_cot: true\ntrain_stage: 2\n", [], "cot and no_cot train the same sequences at every stage"),
         ("cot: true\nprompt_template: '{image}Q: {question} {answer}'\n", [], "prompt_template may name only"),
         ("cot: true\n", ["name=[x"], r"command line: the value of 'name' is not valid YAML \('\[x'\); quote it"),
         ("coconut: true\nthought_feedback: projection\n", [], "thought_feedback must be one of hidden, rescaled"),
@@ -96,8 +99,39 @@ def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, 
 
 
 def test_shipped_configs_load():
-    """Every run config in args/ loads (ablation.yaml is ablate.py's, not a run config)."""
-    names = sorted(path.name for path in Path("args").glob("*.yaml") if path.name != "ablation.yaml")
+    """Every run config in args/ loads (ablation.yaml and baselines*.yaml are ablate.py's, not run configs)."""
+    specs = {"ablation.yaml", "baselines.yaml", "baselines_text.yaml"}
+    names = sorted(path.name for path in Path("args").glob("*.yaml") if path.name not in specs)
     assert {"demo.yaml", "demo_text.yaml", "gsm_coconut.yaml", "prosqa_coconut_1gpu.yaml"} <= set(names)
     for name in names:
         assert load_config(f"args/{name}").model_id
+
+
+CURRICULUM = {
+    "num_epochs": 7,
+    "reset_optimizer": True,
+    "stage_overrides": {0: {"epochs_per_stage": 3}, 1: {"epochs_per_stage": 1}, 2: {"epochs_per_stage": 2}},
+}
+
+
+def test_train_stage_keeps_the_curriculum_schedule_and_pins_the_sequences():
+    coconut = Schedule.from_config(Config(coconut=True, **CURRICULUM))
+    assert coconut.stages == (0, 0, 0, 1, 2, 2, 3)
+    for config, trained in [
+        (Config(cot=True, train_stage=0, **CURRICULUM), 0),  # CoT on Coconut's schedule
+        (Config(no_cot=True, train_stage=0, **CURRICULUM), 0),
+        (Config(coconut=True, train_stage=3, **CURRICULUM), 3),  # w/o curriculum
+    ]:
+        schedule = Schedule.from_config(config)
+        assert schedule.stages == coconut.stages
+        assert [schedule.resets_optimizer(e) for e in range(7)] == [coconut.resets_optimizer(e) for e in range(7)]
+        assert [schedule.lr_steps(e, 10) for e in range(7)] == [coconut.lr_steps(e, 10) for e in range(7)]
+        assert [schedule.stage(e) for e in range(7)] == [trained] * 7 and schedule.last_stage == trained
+        assert [schedule.ends_stage(e) for e in range(7)] == [False] * 6 + [True]  # one stage_<k>/ export
+
+
+def test_cot_and_no_cot_without_train_stage_train_one_stage():
+    """demo_no_cot.yaml inherits the demo's stage_overrides and reset_optimizer: its 8 epochs stay one stage."""
+    schedule = Schedule.from_config(load_config("args/demo_no_cot.yaml"))
+    assert schedule.stages == (0,) * 8 and not any(schedule.resets_optimizer(e) for e in range(8))
+    assert Schedule.from_config(Config(cot=True, **CURRICULUM)).stages == (0,) * 7

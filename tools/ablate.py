@@ -1,30 +1,45 @@
-"""Train one config under a list of variants and several seeds; tabulate and plot each stage's accuracy.
+"""Train one config under a list of variants and several seeds, test each run, tabulate and plot over the seeds.
 
-    python tools/ablate.py args/ablation.yaml                  # trains what is missing, then writes the table and plot
-    python tools/ablate.py args/ablation.yaml --only paper     # just these variants (the table covers all finished)
+    python tools/ablate.py args/ablation.yaml               # trains what is missing, then writes tables and plots
+    python tools/ablate.py args/ablation.yaml --only paper  # just these variants (the tables: every finished run)
+    python tools/ablate.py args/baselines.yaml --jobs 2     # two runs side by side, each one core and one thread
 
-The spec names the run config, the seeds, the folder, overrides shared by every run and the variants (each a
-mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key). Each
-(variant, seed) trains as its own `python run.py` process in `<save_path>/<variant>/seed<k>` with `resume=auto`:
-an interrupted ablation continues where it stopped, and a finished run is not trained again.
-`<save_path>/ablation.md` and `ablation.png` are rewritten after every run.
+The spec names the run config, the seeds, the folder, overrides shared by every run, the variants (each a
+mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key) and, with
+test_path, the records each finished run's final/ export answers, as `python infer.py <run>/final --records` does.
+Each (variant, seed) trains as its own `python run.py` process in `<save_path>/<variant>/seed<k>` with
+`resume=auto`, then writes its test evaluation to `<run>/test/`: an interrupted ablation continues where it stopped,
+and a finished run is neither trained nor evaluated again. After every run, `<save_path>/ablation.md` and
+`ablation.png` show each stage's validation accuracy and, with test_path, `results.md` and `results.png` each
+variant's test results over the seeds (with the machine, commit, seeds and each variant's schedule).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import queue
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
 
+import demo_data
 import report
+from config import Config, load_config
+from curriculum import Schedule
+from records import load_records
 from utils import UserError, atomic_write_text, entry_point
 
-SPEC_KEYS = {"config", "seeds", "save_path", "overrides", "variants"}
+SPEC_KEYS = {"config", "seeds", "save_path", "overrides", "variants", "test_path"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_spec(path: Path) -> dict:
@@ -34,7 +49,9 @@ def read_spec(path: Path) -> dict:
         raise UserError(f"{path}: ablation spec not found")
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec, dict) or set(spec) - SPEC_KEYS or not {"config", "seeds", "variants"} <= set(spec):
-        raise UserError(f"{path}: an ablation spec has the keys config, seeds, variants (and save_path, overrides)")
+        raise UserError(
+            f"{path}: an ablation spec has the keys config, seeds, variants (and save_path, overrides, test_path)"
+        )
     if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):
         raise UserError(f"{path}: seeds must be a list of integers")
     if not isinstance(spec["variants"], dict) or not all(isinstance(v, dict) for v in spec["variants"].values()):
@@ -43,13 +60,14 @@ def read_spec(path: Path) -> dict:
         stages = values.get("stage_overrides", {})
         if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
             raise UserError(f"{path}: {name}: stage_overrides must map stage numbers to mappings of keys")
+    if not isinstance(spec.get("test_path", ""), str):
+        raise UserError(f"{path}: test_path must be the path of a records file")
     return {"save_path": "checkpoints/ablation", "overrides": {}} | spec
 
 
 def override_args(values: dict) -> list[str]:
     """`key=value` arguments for run.py; mappings and lists as YAML flow text, which run.py reads back."""
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in values.items()]  # fmt: skip
+    return [f"{key}={_flow(value)}" for key, value in values.items()]
 
 
 def run_overrides(spec: dict, variant: str) -> dict:
@@ -64,8 +82,48 @@ def run_overrides(spec: dict, variant: str) -> dict:
     return values
 
 
-def train(spec: dict, variant: str, seed: int) -> Path:
-    """Train (or finish) one variant at one seed and return its folder. Its minutes add up over resumed runs."""
+def variant_config(spec: dict, variant: str) -> Config:
+    """The config every run of `variant` trains with, its seed aside (the spec's config and the variant's
+    overrides, checked as run.py checks them)."""
+    return load_config(spec["config"], override_args(run_overrides(spec, variant)))
+
+
+def machine(threads: int) -> str:
+    """The CPU model, its logical cores and the threads a run computes with, in one line."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    models = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    cpu = models[0] if models else platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''} per run"
+
+
+def commit() -> str:
+    """The repository's commit, and whether tracked files differ from it."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")
+
+
+def launch(command: list[str], core: int | None, log: Path) -> bool:
+    """Run `command` to its end and say whether it succeeded. On a `core`, the command is pinned to it with one
+    thread, its output appended to `log` (runs side by side would interleave theirs on the console)."""
+    if core is None:
+        return subprocess.run(command).returncode == 0
+    # OMP_NUM_THREADS sets torch's threads in a single process (distributed.py sets them only under torchrun)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        pinned = ["taskset", "--cpu-list", str(core), *command]
+        return subprocess.run(pinned, env=env, stdout=out, stderr=subprocess.STDOUT).returncode == 0
+
+
+def train(spec: dict, variant: str, seed: int, core: int | None) -> Path:
+    """Train (or finish) one variant at one seed and return its folder. Its minutes add up over resumed runs; the
+    machine and commit are those of the run's last training."""
     folder = Path(spec["save_path"]) / variant / f"seed{seed}"
     status = folder / "ablation.json"
     done = json.loads(status.read_text()) if status.exists() else {"finished": False, "minutes": 0.0}
@@ -73,21 +131,144 @@ def train(spec: dict, variant: str, seed: int) -> Path:
         return folder
     values = run_overrides(spec, variant) | {"seed": seed, "resume": "auto"}
     values |= {"save_path": str(folder.parent), "name": folder.name}
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve().parents[1] / "run.py"),
-        spec["config"],
-        *override_args(values),
-    ]
-    print(f"ablation: {variant}, seed {seed}", flush=True)
+    command = [sys.executable, str(ROOT / "run.py"), spec["config"], *override_args(values)]
+    log = folder / "ablation.log"
+    print(f"ablation: {variant}, seed {seed}" + (f" (core {core}, log {log})" if core is not None else ""), flush=True)
     start = time.perf_counter()
-    finished = subprocess.run(command).returncode == 0
+    finished = launch(command, core, log)
     folder.mkdir(parents=True, exist_ok=True)
-    minutes = done["minutes"] + (time.perf_counter() - start) / 60
-    atomic_write_text(status, json.dumps({"finished": finished, "minutes": minutes}))
+    threads = 1 if core is not None else _default_threads()
+    record = {"finished": finished, "minutes": done["minutes"] + (time.perf_counter() - start) / 60}
+    atomic_write_text(status, json.dumps(record | {"machine": machine(threads), "commit": commit()}))
     if not finished:
-        raise UserError(f"ablation: {variant} seed {seed} stopped (see above); fix it and run the ablation again")
+        where = "above" if core is None else log
+        raise UserError(f"ablation: {variant} seed {seed} stopped (see {where}); fix it and run the ablation again")
     return folder
+
+
+def _default_threads() -> int:
+    """The threads torch computes with in a process started here without pinning."""
+    import torch  # only here: the rest of the tool needs no torch
+
+    return torch.get_num_threads()
+
+
+def evaluate(folder: Path, records: str, core: int | None) -> None:
+    """Answer `records` with the run's final/ export, as `infer.py <run>/final --records` does, into
+    `<run>/test/` (eval.json, predictions.jsonl); a run that has it is not evaluated again."""
+    out = folder / "test"
+    if out.exists():
+        return
+    partial = folder / "test.partial"  # renamed to test/ when complete, so an interruption leaves no half result
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [sys.executable, str(ROOT / "infer.py"), str(folder / "final"), "--records", records]
+    print(f"test: {folder}", flush=True)
+    if not launch([*command, "--out", str(partial)], core, folder / "ablation.log"):
+        raise UserError(f"ablation: testing {folder} stopped (see above or its ablation.log); fix it and run again")
+    partial.rename(out)
+
+
+def run_all(spec: dict, runs: list[tuple[str, int]], jobs: int, written: Callable[[], object]) -> None:
+    """Train and test every (variant, seed) of `runs`, `jobs` at a time, calling `written` after each; with more
+    than one job each run is pinned to its own core. The first run that fails stops the ones not yet started."""
+    cores = sorted(os.sched_getaffinity(0))
+    if jobs > len(cores):
+        raise UserError(f"--jobs {jobs}: this process may use {len(cores)} cores; give each run its own")
+    if jobs > 1:
+        if shutil.which("taskset") is None:
+            raise UserError(f"--jobs {jobs} pins each run to a core with taskset, which is not installed (util-linux)")
+        write_demo_sets(spec, {variant for variant, _ in runs})
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for core in cores[:jobs] if jobs > 1 else [None]:
+        free.put(core)
+
+    def one(variant: str, seed: int) -> None:
+        core = free.get()
+        try:
+            folder = train(spec, variant, seed, core)
+            if "test_path" in spec:
+                evaluate(folder, spec["test_path"], core)
+        finally:
+            free.put(core)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(one, variant, seed) for variant, seed in runs]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                written()
+        except BaseException:
+            for future in futures:
+                future.cancel()  # the running ones end on their own
+            raise
+
+
+def write_demo_sets(spec: dict, variants: set[str]) -> None:
+    """Write the demo sets that runs of `variants` would write at their start, once: two runs started together
+    would write the same files at once, and one could read a file the other is rewriting."""
+    for variant in variants:
+        config = variant_config(spec, variant)
+        if config.generate_demo_data != "none" and not all(
+            Path(path).exists() for path in (config.train_path, config.val_path)
+        ):
+            folder, moves = str(Path(config.train_path).parent), tuple(config.demo_moves)
+            demo_data.generate(folder, config.generate_demo_data, moves=moves)
+
+
+def write_tables(spec: dict, spec_path: Path) -> list[Path]:
+    """Rewrite the ablation table and plot and, with test_path, the results table and plot; return their paths."""
+    out, variants, seeds = Path(spec["save_path"]), list(spec["variants"]), spec["seeds"]
+    stages = report.ablation_results(out, variants, seeds)
+    if not stages:
+        return []
+    atomic_write_text(out / "ablation.md", report.ablation_table(stages) + "\n")
+    paths = [out / "ablation.md", report.plot_ablation(stages, out / "ablation.png")]
+    results = report.test_results(out, variants, seeds) if "test_path" in spec else {}
+    if results:
+        atomic_write_text(out / "results.md", results_text(spec, spec_path, results) + "\n")
+        paths += [out / "results.md", report.plot_results(results, out / "results.png")]
+    return paths
+
+
+def results_text(spec: dict, spec_path: Path, results: dict[str, dict]) -> str:
+    """results.md: what the runs were (machine, commit, seeds, test set, each variant's overrides and schedule),
+    then the table of `report.results_table`. A run's optimizer steps are counted by its Schedule, as the trainer
+    counts them, for the training records of its config."""
+    configs = {variant: variant_config(spec, variant) for variant in results}
+    schedules = {variant: Schedule.from_config(config) for variant, config in configs.items()}
+    samples = {path: len(load_records(path)) for path in {config.train_path for config in configs.values()}}
+    steps = {}
+    for variant, schedule in schedules.items():
+        n = samples[configs[variant].train_path]
+        steps[variant] = sum(schedule.epoch_steps(epoch, n) for epoch in range(len(schedule.stages)))
+    records = ", ".join(f"{path} ({n} records)" for path, n in samples.items())
+
+    def counted(key: str) -> str:
+        values = [value for r in results.values() for value in r[key]]
+        return "; ".join(f"{value} ({values.count(value)} runs)" for value in dict.fromkeys(values))
+
+    lines = [
+        f"# {spec_path}: test accuracy on {spec['test_path']}",
+        "",
+        f"- machine: {counted('machines')}",
+        f"- commit: {counted('commits')}",
+        f"- seeds: {', '.join(map(str, spec['seeds']))} (mean ± sd (min-max) over a variant's finished ones)",
+        f"- config: {spec['config']}, shared overrides {_flow(spec['overrides'])}",
+        f"- optimizer steps: each variant's schedule over {records}, one process per run",
+        "",
+        report.format_table(
+            ["variant", "overrides", "schedule"],
+            [[v, _flow(spec["variants"][v]), report.schedule_text(schedules[v])] for v in results],
+        ),
+        "",
+        report.results_table(results, steps),
+    ]
+    return "\n".join(lines)
+
+
+def _flow(value: object) -> str:
+    """A value as one line of YAML flow text (a mapping as {key: value, ...}, {} for none)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 @entry_point
@@ -95,23 +276,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path, help="an ablation YAML, e.g. args/ablation.yaml")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="train just these variants")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on its own core, one thread")
     args = parser.parse_args(argv)
     spec = read_spec(args.spec)
     unknown = set(args.only or ()) - set(spec["variants"])
     if unknown:
         raise UserError(f"--only {sorted(unknown)[0]}: no such variant in {args.spec}")
-    out = Path(spec["save_path"])
-    for variant in spec["variants"]:
-        if args.only and variant not in args.only:
-            continue
-        for seed in spec["seeds"]:
-            train(spec, variant, seed)
-            results = report.ablation_results(out, spec["variants"], spec["seeds"])
-            atomic_write_text(out / "ablation.md", report.ablation_table(results) + "\n")
-            report.plot_ablation(results, out / "ablation.png")
-    results = report.ablation_results(out, spec["variants"], spec["seeds"])
-    print(report.ablation_table(results))
-    print(f"table: {out / 'ablation.md'}\nplot: {out / 'ablation.png'}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: give at least 1")
+    runs = [(v, seed) for v in spec["variants"] if not args.only or v in args.only for seed in spec["seeds"]]
+    run_all(spec, runs, args.jobs, lambda: write_tables(spec, args.spec))
+    for path in write_tables(spec, args.spec):
+        print(path.read_text() if path.suffix == ".md" else f"plot: {path}")
 
 
 if __name__ == "__main__":
