@@ -49,13 +49,14 @@ def test_ablation_trains_each_variant_and_seed_once_and_tabulates(tmp_path, data
     }
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(spec))
-    first = run_ablate(path, "--only", "steps")
+    first = run_ablate(path, "--only", "steps", "--seeds", "1")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.count("ablation: steps") == 2 and "ablation: paper" not in first.stdout
+    assert first.stdout.count("ablation: ") == 1 and "ablation: steps, seed 1" in first.stdout
     assert "thought_loss" in metrics(tmp_path / "runs" / "steps" / "seed1")[-1]
-    second = run_ablate(path)  # the finished variant is not trained again
+    second = run_ablate(path)  # the finished run is not trained again
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "ablation: steps" not in second.stdout and second.stdout.count("ablation: paper") == 2
+    assert "ablation: steps, seed 1" not in second.stdout and "ablation: steps, seed 0" in second.stdout
+    assert second.stdout.count("ablation: paper") == 2
     table = (tmp_path / "runs" / "ablation.md").read_text().splitlines()
     assert table[0].startswith("| variant | seeds | stage 0 | stage 1 | generated tokens | minutes |")
     assert [row.split(" | ")[0:2] for row in table[2:]] == [["| paper", "2"], ["| steps", "2"]]
@@ -70,6 +71,8 @@ def test_a_bad_spec_stops_with_one_line(tmp_path):
     path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {}}\n")
     unknown = run_ablate(path, "--only", "b")
     assert unknown.returncode == 2 and "--only b: no such variant" in unknown.stderr
+    seed = run_ablate(path, "--seeds", "3")
+    assert seed.returncode == 2 and "--seeds 3: not one of" in seed.stderr
     path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {stage_overrides: {1: 0.5}}}\n")
     stages = run_ablate(path)
     assert stages.returncode == 2 and "a: stage_overrides must map stage numbers to mappings" in stages.stderr

@@ -3,6 +3,7 @@
     python tools/ablate.py args/ablation.yaml               # trains what is missing, then writes tables and plots
     python tools/ablate.py args/ablation.yaml --only paper  # just these variants (the tables: every finished run)
     python tools/ablate.py args/baselines.yaml --jobs 2     # two runs side by side, each one core and one thread
+    python tools/ablate.py args/baselines.yaml --seeds 10   # just this seed (the tables: every finished run)
 
 The spec names the run config, the seeds, the folder, overrides shared by every run, the variants (each a
 mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key) and, with
@@ -276,15 +277,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path, help="an ablation YAML, e.g. args/ablation.yaml")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="train just these variants")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="train just these of the spec's seeds")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on its own core, one thread")
     args = parser.parse_args(argv)
     spec = read_spec(args.spec)
     unknown = set(args.only or ()) - set(spec["variants"])
     if unknown:
         raise UserError(f"--only {sorted(unknown)[0]}: no such variant in {args.spec}")
+    strange = set(args.seeds or ()) - set(spec["seeds"])
+    if strange:
+        raise UserError(f"--seeds {sorted(strange)[0]}: not one of {args.spec}'s seeds {spec['seeds']}")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: give at least 1")
-    runs = [(v, seed) for v in spec["variants"] if not args.only or v in args.only for seed in spec["seeds"]]
+    seeds = [seed for seed in spec["seeds"] if not args.seeds or seed in args.seeds]
+    runs = [(v, seed) for v in spec["variants"] if not args.only or v in args.only for seed in seeds]
     run_all(spec, runs, args.jobs, lambda: write_tables(spec, args.spec))
     for path in write_tables(spec, args.spec):
         print(path.read_text() if path.suffix == ".md" else f"plot: {path}")
