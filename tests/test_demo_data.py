@@ -23,6 +23,21 @@ RGB = {(240, 110, 180): "pink", (40, 80, 220): "blue", (80, 200, 60): "lime", (2
 CELLS = "abcdefghijklmnop"  # row by row
 
 
+def stopped(main, argv: list[str]) -> list[str]:
+    """The lines an entry point's `main(argv)` writes to stderr as it stops with a user error (exit status 2)."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+        main(argv)
+    assert stop.value.code == 2
+    return stderr.getvalue().splitlines()
+
+
+def demo_run(folder: Path, tmp_path: Path) -> list[str]:
+    """run.py on args/demo.yaml with `folder` as its data, expected to stop with a user error: what it wrote."""
+    data = [f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl", f"save_path={tmp_path}"]
+    return stopped(run.main, ["args/demo.yaml", *data])
+
+
 def grid_walk(folder: Path, record: dict, moves: int) -> list[str]:
     """The steps of `moves` moves from the question's start cell, read off the record's image."""
     image = Image.open(folder / record["image"]).convert("RGB")
@@ -104,12 +119,7 @@ def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: P
     old = json.loads(lines[0])
     old |= {"steps": [step.split(" ", 1)[1] for step in old["steps"]], "answer": "blue"}
     (folder / "train.jsonl").write_text("\n".join([json.dumps(old), *lines[1:]]) + "\n")
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
-        run.main(["args/demo.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl",
-                  f"save_path={tmp_path}"])  # fmt: skip
-    assert stop.value.code == 2
-    assert stderr.getvalue().splitlines() == [
+    assert demo_run(folder, tmp_path) == [
         f"error: {folder}/train.jsonl: record 1 is not what this demo_data.py writes (an earlier format); delete "
         f"{folder} and the run writes the current set (or set generate_demo_data: none to train on it)"
     ]
@@ -121,9 +131,8 @@ def test_a_set_from_an_earlier_generator_stops_the_run_with_one_line(tmp_path: P
 def test_runs_of_every_seed_share_the_demo_set_of_seed_0(tmp_path: Path) -> None:
     folder = tmp_path / "graph"
     # only_eval without a checkpoint stops the run with its error line just after the set is written
-    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-        run.main(["args/demo_text.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl",
-                  "seed=3", "only_eval=true", f"save_path={tmp_path}"])  # fmt: skip
+    data = [f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl", f"save_path={tmp_path}"]
+    stopped(run.main, ["args/demo_text.yaml", *data, "seed=3", "only_eval=true"])
     demo_data.generate(str(tmp_path / "seed-0"), "graph", seed=0)
     for split in ("train", "val", "test"):
         assert (folder / f"{split}.jsonl").read_bytes() == (tmp_path / "seed-0" / f"{split}.jsonl").read_bytes()
@@ -184,12 +193,7 @@ def test_a_set_of_other_moves_stops_the_run_with_one_line(tmp_path: Path) -> Non
     folder = tmp_path / "grid"
     demo_data.generate(str(folder), seed=0, sizes={"train": 4, "val": 2}, moves=(3, 6))
     demo_data.check(str(folder), "grid", (3, 6))
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
-        run.main(["args/demo.yaml", f"train_path={folder}/train.jsonl", f"val_path={folder}/val.jsonl",
-                  f"save_path={tmp_path}"])  # fmt: skip
-    assert stop.value.code == 2
-    assert stderr.getvalue().splitlines() == [
+    assert demo_run(folder, tmp_path) == [
         f"error: {folder}/{demo_data.MANIFEST}: {folder} holds the grid set with 3-6 moves per record, the config "
         f"asks for 3-3 (demo_moves); delete {folder} and the run writes that set, or set demo_moves: [3, 6]"
     ]
@@ -208,11 +212,7 @@ def test_bad_demo_moves_stop_with_one_line(moves: str) -> None:
 
 
 def test_bad_moves_on_the_command_line_stop_with_one_line(tmp_path: Path) -> None:
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
-        make_demo_data.main([str(tmp_path), "--moves", "4", "3"])
-    assert stop.value.code == 2
-    assert stderr.getvalue().splitlines() == [
+    assert stopped(make_demo_data.main, [str(tmp_path), "--moves", "4", "3"]) == [
         "error: --moves must be two integers fewest, most with 1 <= fewest <= most, got [4, 3]"
     ]
     assert not (tmp_path / "train.jsonl").exists()
