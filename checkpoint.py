@@ -53,6 +53,9 @@ class Progress:
     losses: list[float] = field(default_factory=list)  # this epoch's micro-batch losses so far
     thought_losses: list[float] = field(default_factory=list)  # and their step-supervision losses, when trained
     samples: int = 0  # this epoch's samples so far on this rank
+    # with log_every: [loss, thought loss or None] of each micro-batch since the last step metrics were sent,
+    # across epochs, of optimizer steps that were taken
+    window: list[list[float | None]] = field(default_factory=list)
     bad_steps: int = 0  # non-finite steps in a row
 
 

@@ -180,7 +180,7 @@ def train_epoch(
     config = schedule.stage_config(progress.epoch)
     info = job.dist
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
-    total_steps = schedule.lr_steps(progress.epoch, len(sampler))  # len(sampler): this rank's share of the records
+    lr_span = schedule.lr_steps(progress.epoch, len(sampler))  # len(sampler): this rank's share of the records
     if progress.samples != min(progress.micro * config.batch_size_training, len(sampler)):
         size = progress.samples // progress.micro  # the mid-epoch offset counts micro-batches of this size
         raise UserError(
@@ -199,7 +199,6 @@ def train_epoch(
     )
     n_micro = math.ceil(len(sampler) / config.batch_size_training)
     accumulate = config.gradient_accumulation_steps
-    logged, thoughts_logged = len(progress.losses), len(progress.thought_losses)  # the losses already sent
     model.train()
     bar = tqdm(
         loader, desc=f"epoch {progress.epoch} stage {data.stage}", disable=not info.is_main, leave=False,
@@ -219,11 +218,14 @@ def train_epoch(
                 progress.thought_losses.append(out.thought_loss.item())
             (loss / group).backward()
         progress.losses.append(out.loss.item())
+        if config.log_every:
+            thought = progress.thought_losses[-1] if out.thought_loss is not None else None
+            progress.window.append([progress.losses[-1], thought])
         progress.samples += batch["input_ids"].shape[0]
         if not last_micro:
             continue
         for param_group in optimizer.param_groups:  # both may change with the stage (stage_overrides)
-            param_group["lr"] = config.lr * lr_factor(progress.step, total_steps, config)
+            param_group["lr"] = config.lr * lr_factor(progress.step, lr_span, config)
             param_group["weight_decay"] = config.weight_decay
         # the norm is global (DDP and FSDP2 gradients are synchronised), so every rank takes the same branch
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -233,20 +235,10 @@ def train_epoch(
             progress.total_steps += 1
             progress.bad_steps = 0
             if logger is not None and config.log_every and progress.total_steps % config.log_every == 0:
-                # every rank computes the means (a collective), rank 0 sends them
-                step_metrics = {
-                    "train/loss": _mean_across_ranks(progress.losses[logged:], job.device),
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/grad_norm": float(norm),
-                }
-                if progress.thought_losses:
-                    step_metrics["train/thought_loss"] = _mean_across_ranks(
-                        progress.thought_losses[thoughts_logged:], job.device
-                    )
-                logger.send(step_metrics, progress.total_steps)
-                logged, thoughts_logged = len(progress.losses), len(progress.thought_losses)
+                _send_window(progress, optimizer, float(norm), job, logger)
         else:
             progress.bad_steps += 1
+            del progress.window[-group:]  # the losses of a step not taken do not describe the model
             if info.is_main:
                 print(f"skipped step {progress.step}: non-finite gradients ({progress.bad_steps} in a row)")
             if progress.bad_steps >= config.max_nonfinite_steps:
@@ -269,8 +261,25 @@ def _stopped(path: Path, job: Job) -> None:
     sys.exit(PREEMPTED_EXIT)
 
 
+def _send_window(
+    progress: checkpoint.Progress, optimizer: Optimizer, norm: float, job: Job, logger: report.MetricsLog
+) -> None:
+    """Send the step metrics of log_every: the window's mean loss (and thought loss) over every rank, the learning
+    rate and the last gradient norm; then start a new window. Every rank computes the means (a collective)."""
+    metrics = {
+        "train/loss": _mean_across_ranks([loss for loss, _ in progress.window], job.device),
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/grad_norm": norm,
+    }
+    thoughts = [thought for _, thought in progress.window if thought is not None]
+    if thoughts:
+        metrics["train/thought_loss"] = _mean_across_ranks(thoughts, job.device)
+    logger.send(metrics, progress.total_steps)
+    progress.window = []
+
+
 def _mean_across_ranks(values: list[float], device: torch.device) -> float:
-    """Mean of every rank's values (the epoch's training loss)."""
+    """Mean of every rank's values."""
     total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
     if is_distributed():
         dist.all_reduce(total)

@@ -276,7 +276,8 @@ def test_log_every_sends_each_window_of_steps_to_the_tracker(tmp_path, data_dir)
     assert sorted(sent) == sorted((k, s) for k in ("train/loss", "train/lr", "train/grad_norm") for s in (2, 4))
     for step, micro in ((2, slice(0, 4)), (4, slice(4, 8))):  # each window's mean of its own micro-batch losses
         assert sent["train/loss", step] == pytest.approx(sum(progress.losses[micro]) / 4)
-    assert progress.total_steps == 4 and not (tmp_path / "metrics.jsonl").exists()  # epoch lines stay per epoch
+    assert progress.total_steps == 4 and progress.window == []  # all sent: the next window starts empty
+    assert not (tmp_path / "metrics.jsonl").exists()  # epoch lines stay per epoch
 
 
 def test_log_every_without_a_tracker_stops_with_one_line():
