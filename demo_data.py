@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from config import DEMO_MOVES
+from config import DEMO_MOVES, Config
 from utils import UserError
 
 # four-letter names: every step then has its tokens at the same offsets, which a tiny model learns faster
@@ -45,14 +45,14 @@ MOVES = {"pink": (0, 1), "blue": (1, 0), "lime": (0, -1), "gold": (-1, 0)}
 TEMPLATES = ("from {}", "go from {}", "start at {}", "starting from {}", "begin at {}", "at {}")
 GRID, CELL = 4, 16
 SPLITS = {"train": 8000, "val": 256, "test": 512}
-NODES = "abcdefghijklmnop"  # the graph set's nodes, in the order of its table
+NODES = "abcdefghijklmnop"  # the graph set's nodes in the order of its table; the grid's cells row by row
 MANIFEST = "demo_data.json"  # which set, seed and moves a folder holds, for `check`
 
 
 def cell_name(row: int, column: int) -> str:
     """A cell's one-letter name: one token per cell under the byte-level tokenizer, which the tiny model learns to
     read far faster than a three-token "r,c" whose meaning it has to compose (docs/experiments.md)."""
-    return "abcdefghijklmnop"[row * GRID + column]
+    return NODES[row * GRID + column]
 
 
 def make_example(rng: random.Random, hops: int) -> tuple[list[list[str]], dict]:
@@ -123,6 +123,14 @@ def generate(
             lines.append(json.dumps({"id": f"{split}-{k:05d}", "image": image, **record}))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     (root / MANIFEST).write_text(json.dumps({"task": task, "seed": seed, "moves": list(moves)}) + "\n")
+
+
+def write_missing(config: Config) -> None:
+    """Write `config`'s demo set (generate_demo_data, demo_moves) into train_path's folder when that folder lacks
+    the training or the validation file; its seed is always 0, so every seed of a run trains on one set."""
+    if config.generate_demo_data == "none" or all(Path(p).exists() for p in (config.train_path, config.val_path)):
+        return
+    generate(str(Path(config.train_path).parent), config.generate_demo_data, moves=tuple(config.demo_moves))
 
 
 def check(folder: str, task: str, moves: tuple[int, int] = DEMO_MOVES) -> None:

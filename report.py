@@ -166,8 +166,7 @@ def ablation_results(folder: Path, variants: list[str], seeds: list[int]) -> dic
     validation accuracy at its last epoch, the last stage's generated tokens, and the minutes each run took."""
     results = {}
     for variant in variants:
-        runs = [folder / variant / f"seed{seed}" for seed in seeds]
-        runs = [run for run in runs if _finished(run)]
+        runs = finished_runs(folder, variant, seeds)
         if not runs:
             continue
         stages: dict[int, list[float]] = {}
@@ -177,14 +176,21 @@ def ablation_results(folder: Path, variants: list[str], seeds: list[int]) -> dic
             for stage, m in last.items():
                 stages.setdefault(stage, []).append(m["val_accuracy"])
             tokens.append(last[max(last)]["gen_tokens"])
-            minutes.append(json.loads((run / "ablation.json").read_text())["minutes"])
+            minutes.append(_status(run)["minutes"])
         results[variant] = {"stages": stages, "gen_tokens": tokens, "minutes": minutes}
     return results
 
 
-def _finished(run: Path) -> bool:
-    status = run / "ablation.json"
-    return status.exists() and json.loads(status.read_text())["finished"]
+def finished_runs(folder: Path, variant: str, seeds: list[int]) -> list[Path]:
+    """The folders of `variant`'s runs under `folder` (`<variant>/seed<k>`, as `ablate.py` writes them) that finished
+    training, in the order of `seeds`."""
+    runs = [folder / variant / f"seed{seed}" for seed in seeds]
+    return [run for run in runs if (run / "ablation.json").exists() and _status(run)["finished"]]
+
+
+def _status(run: Path) -> dict:
+    """A run's ablation.json: finished, minutes, machine, commit."""
+    return json.loads((run / "ablation.json").read_text())
 
 
 def _spread(values: list[float], digits: int) -> str:
@@ -243,21 +249,19 @@ def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[st
     machine and commit each run trained on."""
     results = {}
     for variant in variants:
-        runs = [folder / variant / f"seed{seed}" for seed in seeds]
-        runs = [run for run in runs if _finished(run) and (run / "test" / "eval.json").exists()]
+        runs = [run for run in finished_runs(folder, variant, seeds) if (run / "test" / "eval.json").exists()]
         if not runs:
             continue
         tests = [json.loads((run / "test" / "eval.json").read_text()) for run in runs]
-        statuses = [json.loads((run / "ablation.json").read_text()) for run in runs]
+        statuses = [_status(run) for run in runs]
         results[variant] = {
             "test_accuracy": [t["accuracy"] for t in tests],
             "passes": [t["passes"] for t in tests],
             "gen_tokens": [t["gen_tokens"] for t in tests],
             "val_accuracy": [read_metrics(run / "metrics.jsonl")[-1]["val_accuracy"] for run in runs],
             "minutes": [s["minutes"] for s in statuses],
-            # runs trained before ablate.py recorded them say so
-            "machines": [s.get("machine", "not recorded") for s in statuses],
-            "commits": [s.get("commit", "not recorded") for s in statuses],
+            "machines": [s["machine"] for s in statuses],
+            "commits": [s["commit"] for s in statuses],
         }
     return results
 

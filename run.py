@@ -51,12 +51,11 @@ def run_job(args: argparse.Namespace) -> None:
     if config.generate_demo_data != "none":
         import demo_data
 
-        folder, moves = str(Path(config.train_path).parent), tuple(config.demo_moves)
-        if info.is_main and not all(Path(p).exists() for p in (config.train_path, config.val_path)):
-            demo_data.generate(folder, config.generate_demo_data, moves=moves)  # one set for every seed of the run
+        if info.is_main:
+            demo_data.write_missing(config)
         if info.world_size > 1:
             dist.barrier()
-        demo_data.check(folder, config.generate_demo_data, moves)
+        demo_data.check(str(Path(config.train_path).parent), config.generate_demo_data, tuple(config.demo_moves))
     model, tokenizer = build_model(config)
     if config.only_eval:
         evaluate_only(config, job, model, tokenizer)

@@ -165,7 +165,7 @@ def test_the_baseline_rows_share_one_budget(name, demo):
         budgets = {variant: budget(Schedule.from_config(c), samples) for variant, c in configs.items()}
         assert all(b == budgets["coconut"] for b in budgets.values())
         assert sum(budgets["coconut"]["steps"]) == len(budgets["coconut"]["lr"])
-    if name == "baselines.yaml":  # the numbers: 15 epochs of 250 steps, a restart at each of 4 stages
+    if name == "baselines.yaml":  # the demo's budget: 15 epochs of 250 steps, a restart at each of 4 stages
         assert sum(budget(Schedule.from_config(configs["cot"]), 8000)["steps"]) == 3750
         paper, keys = load_config("args/demo_paper.yaml"), ("thought_loss_weight", "uniform_prob", "thought_feedback")
         for stage in range(4):  # the paper row is args/demo_paper.yaml

@@ -18,7 +18,7 @@ from conftest import ROOT
 CLEAN_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 # what a checkout holds beyond the project itself: never part of what is installed
 NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "build", "*.egg-info", "checkpoints", "data", "__pycache__"
+    ".git", ".venv", "venv", "build", "*.egg-info", "checkpoints", "data", "results", "__pycache__"
 )
 
 

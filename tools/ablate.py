@@ -103,7 +103,9 @@ def commit() -> str:
     git = ["git", "-C", str(ROOT)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        # results/ is where runs like this one write: its files changing says nothing about the code
+        changed = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"]
+        status = subprocess.run(changed, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")
@@ -128,8 +130,10 @@ def train(spec: dict, variant: str, seed: int, core: int | None) -> Path:
     folder = Path(spec["save_path"]) / variant / f"seed{seed}"
     status = folder / "ablation.json"
     done = json.loads(status.read_text()) if status.exists() else {"finished": False, "minutes": 0.0}
-    if done["finished"]:
+    if done["finished"] and ((folder / "final").is_dir() or (folder / "test" / "eval.json").exists()):
         return folder
+    if done["finished"]:  # a finished run that came without its export or test result: train it again
+        done = {"finished": False, "minutes": 0.0}
     values = run_overrides(spec, variant) | {"seed": seed, "resume": "auto"}
     values |= {"save_path": str(folder.parent), "name": folder.name}
     command = [sys.executable, str(ROOT / "run.py"), spec["config"], *override_args(values)]
@@ -208,12 +212,7 @@ def write_demo_sets(spec: dict, variants: set[str]) -> None:
     """Write the demo sets that runs of `variants` would write at their start, once: two runs started together
     would write the same files at once, and one could read a file the other is rewriting."""
     for variant in variants:
-        config = variant_config(spec, variant)
-        if config.generate_demo_data != "none" and not all(
-            Path(path).exists() for path in (config.train_path, config.val_path)
-        ):
-            folder, moves = str(Path(config.train_path).parent), tuple(config.demo_moves)
-            demo_data.generate(folder, config.generate_demo_data, moves=moves)
+        demo_data.write_missing(variant_config(spec, variant))
 
 
 def write_tables(spec: dict, spec_path: Path) -> list[Path]:
@@ -274,6 +273,7 @@ def _flow(value: object) -> str:
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
+    """`python tools/ablate.py SPEC [--only VARIANT ...] [--seeds SEED ...] [--jobs N]`: train, test, tabulate."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path, help="an ablation YAML, e.g. args/ablation.yaml")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="train just these variants")
