@@ -15,6 +15,7 @@ from conftest import make_coconut
 
 import demo_data
 import infer
+import inference
 from checkpoint import export_pretrained
 from config import Config
 from dataset import CoconutDataset
@@ -142,10 +143,10 @@ def test_passes_are_the_thoughts_fed_back_plus_the_generated_tokens(
 
 @pytest.mark.parametrize("stage, c_thought", [(2, 1), (1, 2)])
 def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought):
-    model = infer.load_exported(str(exported / "coconut"), torch.device("cpu"))
+    model = inference.load_exported(str(exported / "coconut"), torch.device("cpu"))
     model.config = dataclasses.replace(model.config, c_thought=c_thought)
-    prompts = infer.open_prompts(model, str(exported / "data" / "test.jsonl"), stage)
-    probes = infer.probe_thoughts(model, prompts, 5, 4)
+    prompts = inference.open_prompts(model, str(exported / "data" / "test.jsonl"), stage)
+    probes = inference.probe_thoughts(model, prompts, 5, 4)
     assert len(probes) == 6
     base = model.model.base
     with torch.no_grad():
@@ -158,7 +159,7 @@ def test_probe_decodes_each_thought_through_the_head(exported, stage, c_thought)
             assert [tokens[0]["id"] for tokens in thoughts] == probs.argmax(-1).tolist()
             top = torch.tensor([[t["prob"] for t in tokens] for tokens in thoughts])
             torch.testing.assert_close(top, probs.topk(5).values, rtol=1e-4, atol=1e-6)
-    blank = infer.probe_thoughts(model, prompts, 5, 4, Controls(blank_images=True))
+    blank = inference.probe_thoughts(model, prompts, 5, 4, Controls(blank_images=True))
     assert blank[0][0][0]["prob"] != probes[0][0][0]["prob"]  # the thoughts read the image
 
 
@@ -216,10 +217,10 @@ def test_compare_runs_the_thought_controls(exported, tmp_path, capsys):
 
 @pytest.mark.parametrize("control", ["noise", "zeros", "pause"])
 def test_records_with_a_thought_control_change_what_the_model_is_fed(exported, tmp_path, control):
-    model = infer.load_exported(str(exported / "coconut"), torch.device("cpu"))
-    prompts = infer.open_prompts(model, str(exported / "data" / "test.jsonl"), 2)
-    own = infer.probe_thoughts(model, prompts, 3, 6)
-    replaced = infer.probe_thoughts(model, prompts, 3, 6, Controls(thoughts=control))
+    model = inference.load_exported(str(exported / "coconut"), torch.device("cpu"))
+    prompts = inference.open_prompts(model, str(exported / "data" / "test.jsonl"), 2)
+    own = inference.probe_thoughts(model, prompts, 3, 6)
+    replaced = inference.probe_thoughts(model, prompts, 3, 6, Controls(thoughts=control))
     assert own != replaced  # what sits at the latent positions is no longer the model's thought
     infer.main([str(exported / "coconut"), "--records", str(exported / "data" / "test.jsonl"), "--thoughts", control,
                 "--out", str(tmp_path)])  # fmt: skip
@@ -227,7 +228,7 @@ def test_records_with_a_thought_control_change_what_the_model_is_fed(exported, t
 
 
 def test_a_projected_export_loads_its_projection(exported, tmp_path):
-    model = infer.load_exported(str(exported / "projected"), torch.device("cpu"))
+    model = inference.load_exported(str(exported / "projected"), torch.device("cpu"))
     torch.manual_seed(0)
     base, tokenizer = load_base("tiny")
     original = make_coconut(base, tokenizer, thought_feedback="projected")
@@ -240,4 +241,4 @@ def test_a_projected_export_loads_its_projection(exported, tmp_path):
         if file.name != "thought_projection.safetensors":
             (broken / file.name).write_bytes(file.read_bytes())
     with pytest.raises(UserError, match="without thought_projection.safetensors"):
-        infer.load_exported(str(broken), torch.device("cpu"))
+        inference.load_exported(str(broken), torch.device("cpu"))
