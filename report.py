@@ -95,11 +95,7 @@ def stage_table(path: Path) -> str:
 
 def plot_metrics(path: Path, out: Path) -> Path:
     """Loss (train and validation) and accuracy per epoch, with dotted lines at stage changes, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metrics = read_metrics(path)
     epochs = [m["epoch"] for m in metrics]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -114,10 +110,7 @@ def plot_metrics(path: Path, out: Path) -> Path:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle=":")
             acc_ax.text(cur["epoch"] - 0.45, 0.03, f"stage {cur['stage']}", fontsize=8, rotation=90, color="grey")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def method_table(rows: list[dict]) -> str:
@@ -140,11 +133,7 @@ def method_table(rows: list[dict]) -> str:
 
 def plot_methods(rows: list[dict], out: Path) -> Path:
     """Accuracy and mean generated tokens per method (rows of `infer.compare`) as two bar charts in a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = [r["method"] for r in rows]
     fig, (acc_ax, tok_ax) = plt.subplots(1, 2, figsize=(10, 4))
     panels = ((acc_ax, "accuracy", "accuracy", "{:.2f}"), (tok_ax, "gen_tokens", "mean generated tokens", "{:.1f}"))
@@ -155,10 +144,7 @@ def plot_methods(rows: list[dict], out: Path) -> Path:
         ax.set(title=title)
         ax.tick_params(axis="x", labelrotation=20)
     acc_ax.set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def ablation_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[str, dict]:
@@ -222,11 +208,7 @@ def ablation_table(results: dict[str, dict]) -> str:
 
 def plot_ablation(results: dict[str, dict], out: Path) -> Path:
     """Mean validation accuracy per stage for each variant, each seed's value as a dot, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, r in results.items():
         stages = sorted(r["stages"])
@@ -236,10 +218,7 @@ def plot_ablation(results: dict[str, dict], out: Path) -> Path:
     ax.set(xlabel="curriculum stage", ylabel="validation accuracy", ylim=(0, 1.05), title="ablation")
     ax.set_xticks(sorted({s for r in results.values() for s in r["stages"]}))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[str, dict]:
@@ -297,11 +276,7 @@ def results_table(results: dict[str, dict], steps: dict[str, int]) -> str:
 
 def plot_results(results: dict[str, dict], out: Path) -> Path:
     """Test accuracy per variant: the mean as a bar, each seed's as a dot, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = list(results)
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
     means = [statistics.mean(results[n]["test_accuracy"]) for n in names]
@@ -312,10 +287,7 @@ def plot_results(results: dict[str, dict], out: Path) -> Path:
         ax.scatter([x] * len(values), values, color="black", s=12, zorder=3)
     ax.set(ylabel="test accuracy", ylim=(0, 1.05), title="test accuracy (bar: mean over seeds; dots: seeds)")
     ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def schedule_text(schedule: Schedule) -> str:
@@ -335,3 +307,21 @@ def schedule_text(schedule: Schedule) -> str:
         f"batch {per_stage([c.batch_size_training * c.gradient_accumulation_steps for c in configs])}, "
         f"{'a new optimizer per stage' if schedule.reset_optimizer else 'one optimizer'}; trains {trains}"
     )
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, which draws to files without a screen (imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, out: Path) -> Path:
+    """Write `fig` to `out` as a PNG, free it, and return `out`."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
