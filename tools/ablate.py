@@ -245,7 +245,8 @@ def results_text(spec: dict, spec_path: Path, results: dict[str, dict]) -> str:
 
     def counted(key: str) -> str:
         values = [value for r in results.values() for value in r[key]]
-        return "; ".join(f"{value} ({values.count(value)} runs)" for value in dict.fromkeys(values))
+        counts = {value: values.count(value) for value in values}
+        return "; ".join(f"{value} ({n} run{'s' if n > 1 else ''})" for value, n in counts.items())
 
     lines = [
         f"# {spec_path}: test accuracy on {spec['test_path']}",
