@@ -222,3 +222,33 @@ def test_license_and_citation():
     assert cff["cff-version"] == "1.2.0"
     assert cff["license"] == "MIT"
     assert any("2412.06769" in str(ref) for ref in cff["references"]), "CITATION.cff does not cite the Coconut paper"
+
+
+COPY = re.compile(r"^<!-- copied from (\S+) by `([^`]+)` -->\n(.*?)^<!-- end of copy -->", re.DOTALL | re.MULTILINE)
+
+
+def copied_lines(block: str, source: list[str]) -> list[str]:
+    """The block's lines that are not, in order, lines of `source` (a copy may leave lines out, never change one)."""
+    left, wrong = iter(source), []
+    for line in filter(None, block.splitlines()):
+        if line not in left:  # consumes `left` up to the match, so the order is checked too
+            wrong.append(line)
+    return wrong
+
+
+@pytest.mark.parametrize("doc", CURRENT_DOCS, ids=doc_id)
+def test_copied_results_are_the_files_the_runs_wrote(doc):
+    """A table marked as copied is the runner's file line for line: results are never typed by hand."""
+    for path, command, block in COPY.findall(doc.read_text(encoding="utf-8")):
+        source = ROOT / path
+        assert source.is_file(), f"{doc.name}: copied from {path}, which does not exist"
+        assert command.startswith("python tools/ablate.py "), f"{doc.name}: {command!r} does not write {path}"
+        wrong = copied_lines(block, source.read_text(encoding="utf-8").splitlines())
+        assert not wrong, f"{doc.name}: not in {path} (copy it again from the file): {wrong[0]}"
+
+
+def test_a_changed_copy_is_caught():
+    source = ["# title", "- seeds: 1, 2", "| a | 1.0 |", "| b | 0.5 |"]
+    assert copied_lines("- seeds: 1, 2\n\n| b | 0.5 |\n", source) == []
+    assert copied_lines("| a | 1.0 |\n| b | 0.6 |\n", source) == ["| b | 0.6 |"]
+    assert copied_lines("| b | 0.5 |\n| a | 1.0 |\n", source) == ["| a | 1.0 |"]  # out of order
