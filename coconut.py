@@ -6,6 +6,9 @@ order, so `Coconut` runs the decoder in segments split at each column that holds
 i ends just before latent column i, its last hidden state fills that column, and the KV cache carries
 everything before it. Each position is computed exactly once, in (distinct latent columns + 1) passes, and the
 gradient flows back through every pass to the vision tower, the projector and the language model.
+With `latent_iterations` > 0 the thoughts are computed instead by that many passes over all of them at once
+(Jacobi iteration, after PCCoT, arXiv 2506.18582; `Coconut._iterate`): 1 + latent_iterations passes whatever the
+number of thoughts, with the sequential loop's values and gradients in every row of fewer thoughts than that.
 
 What the passes cost beyond one plain pass is kept to the passes themselves (see bench/bench.py): the KV cache
 is written once into buffers of the final length (`WriteOnceLayer`) instead of copied on every pass and kept
@@ -83,7 +86,8 @@ class Coconut(nn.Module):
 
     `latent_token_id` marks thought positions (the `<|start-latent|>`/`<|end-latent|>` markers around them are
     ordinary tokens to the model); `eos_token_id` ends generation. `thought_feedback` says how a hidden state
-    becomes the next thought's input embedding (`feed_back`).
+    becomes the next thought's input embedding (`feed_back`). `latent_iterations` > 0 computes the thoughts by that
+    many passes over all of them at once (`_iterate`) instead of one pass per thought.
     """
 
     def __init__(
@@ -92,14 +96,18 @@ class Coconut(nn.Module):
         latent_token_id: int,
         eos_token_id: int,
         thought_feedback: str = "hidden",
+        latent_iterations: int = 0,
     ) -> None:
         super().__init__()
         if thought_feedback not in THOUGHT_FEEDBACK:
             raise ValueError(f"thought_feedback must be one of {THOUGHT_FEEDBACK}, got {thought_feedback!r}")
+        if not isinstance(latent_iterations, int) or latent_iterations < 0:
+            raise ValueError(f"latent_iterations must be an integer of at least 0, got {latent_iterations!r}")
         self.base = base
         self.latent_token_id = latent_token_id
         self.eos_token_id = eos_token_id
         self.thought_feedback = thought_feedback
+        self.latent_iterations = latent_iterations
         width = base.get_input_embeddings().weight.shape[1]
         self.projection = ThoughtProjection(width) if thought_feedback == "projected" else None
         self.has_vision = hasattr(base.config, "vision_config")
@@ -160,9 +168,25 @@ class Coconut(nn.Module):
         return lambda hidden: hidden
 
     def fills_thoughts(self, thoughts: str = "model") -> bool:
-        """Whether the latents are filled from hidden states, each in a decoder pass of its own. Not under `none`
+        """Whether the latents are filled from hidden states, in decoder passes of their own. Not under `none`
         feedback or the pause control: the latents are then ordinary tokens, read with the prompt in one pass."""
         return self.thought_feedback != "none" and thoughts != "pause"
+
+    def thought_passes(self, n_thoughts: int, thoughts: str = "model") -> int:
+        """The sequential decoder passes that a row's `n_thoughts` thoughts add to its prompt's one: one per
+        thought, or `latent_iterations` when they are iterated; none without thoughts or when they are not filled
+        (`fills_thoughts`)."""
+        if n_thoughts == 0 or not self.fills_thoughts(thoughts):
+            return 0
+        return self.latent_iterations or n_thoughts
+
+    @staticmethod
+    def _latent_columns(latent_mask: torch.Tensor) -> list[int]:
+        """The columns that hold a latent in any row (the one host sync, before any pass); column 0 may not."""
+        columns = torch.nonzero(latent_mask.any(0)).flatten().tolist()
+        if columns and columns[0] == 0:
+            raise ValueError("a <|latent|> token sits in column 0: it needs a position before it")
+        return columns
 
     def _segments(self, latent_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Column ranges of the decoder passes: split before every column that holds a latent in any row.
@@ -172,10 +196,7 @@ class Coconut(nn.Module):
         changes no value.
         """
         width = latent_mask.shape[1]
-        columns = torch.nonzero(latent_mask.any(0)).flatten().tolist()  # the one host sync, before any pass
-        if columns and columns[0] == 0:
-            raise ValueError("a <|latent|> token sits in column 0: it needs a position before it")
-        bounds = [0, *columns, width]
+        bounds = [0, *self._latent_columns(latent_mask), width]
         if is_distributed():
             passes = torch.tensor([len(bounds) - 1], device=latent_mask.device)
             torch.distributed.all_reduce(passes, op=torch.distributed.ReduceOp.MAX)
@@ -185,6 +206,77 @@ class Coconut(nn.Module):
                     raise ValueError("sequence too short to match the other ranks' number of latent passes")
                 bounds.insert(i + 1, (bounds[i] + bounds[i + 1]) // 2)
         return list(zip(bounds[:-1], bounds[1:]))
+
+    def _block_start(self, latent_mask: torch.Tensor) -> int | None:
+        """The first column the latent iterations rerun: the batch's first latent column; None when no row has a
+        latent (on no rank of a multi-rank job), and one pass covers the sequence.
+
+        Under a multi-rank job every rank must make the same 1 + latent_iterations decoder calls (sharded layers
+        gather their weights on each call): a rank without latents, when another rank has some, reruns its last
+        column, which changes no value.
+        """
+        columns = self._latent_columns(latent_mask)
+        if is_distributed():
+            anywhere = torch.tensor([len(columns)], device=latent_mask.device)
+            torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+            if not columns and int(anywhere):
+                if latent_mask.shape[1] < 2:
+                    raise ValueError("sequence too short to match the other ranks' number of latent passes")
+                return latent_mask.shape[1] - 1
+        return columns[0] if columns else None
+
+    def _pass(
+        self, part: torch.Tensor, start: int, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
+        """One decoder pass over `part`, the columns from `start` on, against the keys and values in `cache`
+        (which it extends); returns the pass's final hidden states."""
+        end = start + part.shape[1]
+        out = self.decoder(
+            inputs_embeds=part,
+            attention_mask=attention_mask[:, :end],
+            position_ids=position_ids[:, start:end],
+            use_cache=True,
+            **{self.cache_arg: cache},
+        )
+        return out.last_hidden_state
+
+    def _iterate(
+        self,
+        embeds: torch.Tensor,
+        latent_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache,
+        start: int,
+        thoughts: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The thoughts by Jacobi iteration (after PCCoT, arXiv 2506.18582): one pass over the columns before
+        `start`, the batch's first latent column, caches them; then `latent_iterations` passes each run the
+        block from `start` to the end (thoughts, and what follows them) against that cache, every latent taking
+        `feed_back` (and `_control`) of the previous pass's final hidden state at the column before it. The first
+        pass starts every latent from its `<|latent|>` embedding, even one whose previous column is cached: so a
+        row's result never depends on where the other rows of its batch put their latents. Passes before the last
+        run against a fork of the cache (`_forked`), so only the last pass's keys and values stay in it.
+
+        Exact for a row of n thoughts at latent_iterations >= n + 1: thought k's input in pass t comes from pass
+        t-1's state before it, which (causal attention) depends only on that pass's thoughts 1..k-1; so by
+        induction on t the thoughts 1..t-1 of pass t are the sequential loop's, as functions of the weights, and
+        from pass n + 1 on the pass computes the sequential loop's function: logits, loss and every gradient are
+        equal. Fewer passes leave the row's later thoughts inexact. Returns the final hidden states and the input
+        embeddings of the last pass.
+        """
+        feed_back = self.feed_back()
+        prefix = self._pass(embeds[:, :start], 0, attention_mask, position_ids, cache)
+        block, latent = embeds[:, start:], latent_mask[:, start:, None]
+        part, hidden = block, None
+        for step in range(self.latent_iterations):
+            if hidden is not None:
+                # the state of the column before each block column: the prefix's last, then the previous pass's
+                before = torch.cat([prefix[:, -1:], hidden[:, :-1]], dim=1)
+                part = torch.where(latent, _control(feed_back(before), thoughts), block)
+            layers = cache if step == self.latent_iterations - 1 else _forked(cache)
+            hidden = self._pass(part, start, attention_mask, position_ids, layers)
+        return torch.cat([prefix, hidden], dim=1), torch.cat([embeds[:, :start], part], dim=1)
 
     def _prefill(
         self,
@@ -200,14 +292,19 @@ class Coconut(nn.Module):
         `thoughts` other than "model" replaces every thought by a control (`THOUGHT_CONTROLS`): Gaussian noise of
         the thought's norm, zeros, or the `<|latent|>` embedding itself ("pause", which is what the `none`
         feedback trains with: the latents are then ordinary tokens and one pass covers the sequence).
+        With `latent_iterations`, the thoughts are computed by `_iterate` (none to fill: one pass, as here).
         Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache, which
         has room for `cache_length` columns.
         """
         embeds = self.embed(input_ids, pixel_values)
         latent_mask = input_ids == self.latent_token_id
         paused = not self.fills_thoughts(thoughts)
-        feed_back = None if paused else self.feed_back()
         cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
+        start = self._block_start(latent_mask) if self.latent_iterations and not paused else None
+        if start is not None:
+            hidden, embeds = self._iterate(embeds, latent_mask, attention_mask, position_ids, cache, start, thoughts)
+            return hidden, embeds, cache
+        feed_back = None if paused else self.feed_back()
         hidden_parts, embed_parts = [], []
         for start, end in self._segments(torch.zeros_like(latent_mask) if paused else latent_mask):
             part = embeds[:, start:end]
@@ -216,14 +313,7 @@ class Coconut(nn.Module):
                 thought = _control(feed_back(hidden_parts[-1][:, -1]), thoughts)
                 first = torch.where(latent_mask[:, start, None], thought, part[:, 0])
                 part = torch.cat([first.unsqueeze(1), part[:, 1:]], dim=1)
-            out = self.decoder(
-                inputs_embeds=part,
-                attention_mask=attention_mask[:, :end],
-                position_ids=position_ids[:, start:end],
-                use_cache=True,
-                **{self.cache_arg: cache},
-            )
-            hidden_parts.append(out.last_hidden_state)
+            hidden_parts.append(self._pass(part, start, attention_mask, position_ids, cache))
             embed_parts.append(part)
         hidden = torch.cat(hidden_parts, dim=1)
         if self.projection is not None and len(hidden_parts) == 1 and is_distributed():
@@ -382,6 +472,23 @@ def _control(thought: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "zeros":
         return torch.zeros_like(thought)
     return thought
+
+
+def _forked(cache: Cache) -> Cache:
+    """A cache that starts from `cache`'s filled columns and grows by concatenation (`DynamicLayer`): a pass run
+    against it attends to those columns as against `cache` and leaves `cache` as it was.
+
+    Rolling `cache` back after a pass instead would let the next pass write over columns whose keys and values the
+    earlier pass's attention saved for backward (`_Append` relies on no column being written twice); the fork's
+    price is one copy of the cached columns per layer and pass.
+    """
+    layers = []
+    for layer in cache.layers:
+        fork = DynamicLayer()
+        fork.lazy_initialization(layer.keys, layer.values)
+        fork.keys, fork.values = layer.keys, layer.values
+        layers.append(fork)
+    return Cache(layers=layers)
 
 
 class WriteOnceLayer(DynamicLayer):
