@@ -68,6 +68,7 @@ class Config:
     pad_latent_to_max: bool = False  # give every record the stage's full latents, even with fewer steps
     uniform_prob: float = 0.0  # chance that a training item takes a stage drawn uniformly from 0..its steps
     thought_feedback: str = "hidden"  # a thought's input: hidden (the paper), rescaled, projected, none (pause)
+    latent_iterations: int = 0  # 0: a decoder pass per thought; k >= 2: k passes over all thoughts at once (Jacobi)
     thought_loss_weight: float = 0.0  # step supervision: weight of decoding each thought group into its step
     # optimisation
     num_epochs: int = 10  # length of the whole run; the stages follow from epochs_per_stage
@@ -310,10 +311,12 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "image_cache_mb",
         "thought_loss_weight",
         "log_every",
+        "latent_iterations",
     )
     for key in not_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{where}: {key} must be at least 0, got {getattr(config, key)}")
+    _check_latent_iterations(config, where)
     if config.log_every and config.report_to == "none":
         raise UserError(f"{where}: log_every sends step metrics to report_to's tracker; set report_to or log_every: 0")
     if config.train_stage < -1:
@@ -337,6 +340,24 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         raise UserError(
             f"{where}: prompt_template may name only {{image}} and {{question}}; write other braces as {{{{ and }}}}"
         ) from None
+
+
+def _check_latent_iterations(config: Config, where: str) -> None:
+    """latent_iterations iterates thoughts fed back from hidden states: only a coconut run without `none` feedback
+    has them, and one pass (1) feeds none back."""
+    if not config.latent_iterations:
+        return
+    if not config.coconut:
+        fix = "set coconut: true or latent_iterations: 0"
+        raise UserError(f"{where}: latent_iterations iterates the coconut curriculum's thoughts; {fix}")
+    if config.thought_feedback == "none":
+        fix = "set latent_iterations: 0 or another thought_feedback"
+        raise UserError(
+            f"{where}: latent_iterations iterates thoughts fed back, which thought_feedback: none has not; {fix}"
+        )
+    if config.latent_iterations == 1:
+        fix = "set 0 (a pass per thought) or at least 2"
+        raise UserError(f"{where}: latent_iterations: 1 feeds no thought back, as thought_feedback: none; {fix}")
 
 
 def check_demo_moves(moves: Any, where: str) -> tuple[int, int]:

@@ -121,9 +121,10 @@ def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
 
 
 def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
-    """The base model (or the checkpoint to start from) wrapped in Coconut with the config's thought feedback, and
-    its tokenizer. A `projected` model starting from a model without a projection (a CoT model) gets a new one;
-    with activation_checkpointing, the family's vision tower recomputes its activations in backward."""
+    """The base model (or the checkpoint to start from) wrapped in Coconut with the config's thought feedback and
+    latent iterations, and its tokenizer. A `projected` model starting from a model without a projection (a CoT
+    model) gets a new one; with activation_checkpointing, the family's vision tower recomputes its activations in
+    backward."""
     start_from = config.load_model_path
     if start_from != "none" and not Path(start_from).exists():
         raise UserError(f"config: load_model_path {start_from} does not exist; train stage 0 first or fix the path")
@@ -133,7 +134,7 @@ def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
     latent_id = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
     if config.activation_checkpointing:
         family(base.config.model_type).checkpoint_activations(base)
-    model = Coconut(base, latent_id, tokenizer.eos_token_id, config.thought_feedback)
+    model = Coconut(base, latent_id, tokenizer.eos_token_id, config.thought_feedback, config.latent_iterations)
     if start_from != "none" and Path(start_from).is_file():
         checkpoint.load_model_weights(start_from, model)
     elif start_from != "none":

@@ -88,6 +88,12 @@ def test_stage_overrides_apply_from_their_stage_on(tmp_path):
         ("coconut: true\nstage_overrides: {1: {thought_feedback: none}}\n", [], "cannot change 'thought_feedback'"),
         ("cot: true\ngenerate_demo_data: true\n", [], "key 'generate_demo_data' must be a string, got True"),
         ("cot: true\n", ["generate_demo_data=grpah"], "generate_demo_data must be one of none, grid, graph"),
+        ("coconut: true\nlatent_iterations: -1\n", [], "latent_iterations must be at least 0, got -1"),
+        ("coconut: true\nlatent_iterations: 2.5\n", [], "key 'latent_iterations' must be an integer"),
+        ("cot: true\nlatent_iterations: 3\n", [], "latent_iterations iterates the coconut curriculum's thoughts; set"),
+        ("coconut: true\nthought_feedback: none\n", ["latent_iterations=3"], "thought_feedback: none has not; set"),
+        ("coconut: true\nlatent_iterations: 1\n", [], "latent_iterations: 1 feeds no thought back"),
+        ("coconut: true\nstage_overrides: {1: {latent_iterations: 2}}\n", [], "cannot change 'latent_iterations'"),
     ],
 )  # fmt: skip
 def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, message):
@@ -96,6 +102,14 @@ def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, 
     with pytest.raises(UserError, match=message) as err:
         load_config(path, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_latent_iterations_load_for_a_coconut_run(tmp_path):
+    assert load_config(write(tmp_path, "a.yaml", "coconut: true\n")).latent_iterations == 0
+    config = load_config(
+        write(tmp_path, "a.yaml", "coconut: true\nthought_feedback: projected\n"), ["latent_iterations=4"]
+    )
+    assert config.latent_iterations == 4
 
 
 def test_shipped_configs_load():
