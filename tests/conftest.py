@@ -89,12 +89,14 @@ def text_data_dir(data_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def make_coconut(base, tokenizer, eos_token_id: int | None = None, thought_feedback: str = "hidden") -> Coconut:
+def make_coconut(
+    base, tokenizer, eos_token_id: int | None = None, thought_feedback: str = "hidden", latent_iterations: int = 0
+) -> Coconut:
     """Wrap `base` with the tokenizer's latent ids (a `projected` map seeded, in the base's dtype)."""
     latent = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     torch.manual_seed(0)
-    return Coconut(base, latent, eos, thought_feedback).to(base.dtype)
+    return Coconut(base, latent, eos, thought_feedback, latent_iterations).to(base.dtype)
 
 
 def image_block(base, tokenizer, n_tiles: int) -> list[int]:
@@ -105,9 +107,15 @@ def image_block(base, tokenizer, n_tiles: int) -> list[int]:
     return [ids[0]] + [ids[1]] * (n_tiles * image_seq_length(base.config)) + [ids[2]]
 
 
-def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id, feed_back=lambda hidden: hidden):
+def reference_logits(
+    base, input_ids, attention_mask, pixel_values, latent_id, feed_back=lambda hidden: hidden, iterations: int = 0
+):
     """Recompute the whole sequence once per distinct latent column, without a cache; each latent takes
-    `feed_back` of the final hidden state before it (None: the latent token's own embedding, one plain pass)."""
+    `feed_back` of the final hidden state before it (None: the latent token's own embedding, one plain pass).
+
+    With `iterations` k > 0, Jacobi iteration instead: k plain passes over the whole sequence, the first with every
+    latent's own token embedding, each later one with every latent at `feed_back` of the previous pass's final
+    hidden state before it; the logits of the last."""
     positions = positions_from_mask(attention_mask)
     embeds = base.get_input_embeddings()(input_ids)
     latent = input_ids == latent_id
@@ -118,6 +126,12 @@ def reference_logits(base, input_ids, attention_mask, pixel_values, latent_id, f
     head = base.get_output_embeddings()
     if feed_back is None:
         return head(run(embeds))
+    if iterations:
+        rows, cols = torch.nonzero(latent, as_tuple=True)
+        current = embeds
+        for _ in range(iterations - 1):
+            current = embeds.index_put((rows, cols), feed_back(run(current)[rows, cols - 1]))
+        return head(run(current))
     for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):
         hidden = run(embeds)
         rows = torch.nonzero(latent[:, col]).flatten()
