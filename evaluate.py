@@ -100,8 +100,7 @@ def generate_answers(
     (`passes`) and the prompt's share of its batch's latency. `controls` replaces the images or the thoughts, to
     measure how much the answers depend on them.
     """
-    generate, eos = unwrap(model).generate, data.eos_id
-    thought_passes = unwrap(model).fills_thoughts(controls.thoughts)  # else latents take no pass of their own
+    generate, thought_passes, eos = unwrap(model).generate, unwrap(model).thought_passes, data.eos_id
     decode = data.encoding.tokenizer.decode
     rows = []
     batches = _batches(data, batch_size, job.dist.rank, job.dist.world_size)
@@ -119,7 +118,7 @@ def generate_answers(
             )
         new = out[:, batch["input_ids"].shape[1] :].tolist()  # waits for the device, so the latency is whole
         latency = (time.perf_counter() - start) / len(out)
-        thoughts = (batch["input_ids"] == data.latent_id).sum(1).tolist() if thought_passes else [0] * len(out)
+        thoughts = (batch["input_ids"] == data.latent_id).sum(1).tolist()
         for (index, counted), tokens, n_thoughts in zip(chunk, new, thoughts):
             if not counted:
                 continue
@@ -127,7 +126,7 @@ def generate_answers(
                 tokens = tokens[: tokens.index(eos) + 1]
             prediction = extract_answer(decode(tokens, skip_special_tokens=True))
             # the prompt's last pass gives the first token, each further token takes one more
-            passes = n_thoughts + len(tokens)
+            passes = thought_passes(n_thoughts, controls.thoughts) + len(tokens)
             rows.append({"index": index, "prediction": prediction, "gen_tokens": len(tokens), "passes": passes,
                          "latency_s": latency})  # fmt: skip
     return sorted((row for part in gather_objects(rows) for row in part), key=lambda row: row["index"])

@@ -108,22 +108,26 @@ def reference_thoughts(base, input_ids: list[int], pixel_values, latent_id: int)
 
 
 @pytest.mark.parametrize(
-    "stage, c_thought, feedback, control, thoughts",
+    "stage, c_thought, feedback, control, iterations, thoughts",
     [
-        (2, 1, "hidden", "model", 2),
-        (3, 2, "hidden", "model", 6),
-        (3, 2, "hidden", "noise", 6),  # noise of a hidden state's norm: still computed from it, pass by pass
-        (3, 2, "hidden", "pause", 0),
-        (3, 2, "none", "model", 0),
+        (2, 1, "hidden", "model", 0, 2),
+        (3, 2, "hidden", "model", 0, 6),
+        (3, 2, "hidden", "noise", 0, 6),  # noise of a hidden state's norm: still computed from it, pass by pass
+        (3, 2, "hidden", "pause", 0, 0),
+        (3, 2, "none", "model", 0, 0),
+        (3, 2, "hidden", "model", 3, 3),  # Jacobi: the iterations, whatever the number of thoughts
+        (1, 2, "rescaled", "zeros", 4, 4),
+        (3, 2, "hidden", "pause", 3, 0),
+        (0, 1, "hidden", "model", 3, 0),  # no thoughts to iterate: the prompt's one pass
     ],
 )
 def test_passes_are_the_thoughts_fed_back_plus_the_generated_tokens(
-    exported, stage, c_thought, feedback, control, thoughts
+    exported, stage, c_thought, feedback, control, iterations, thoughts
 ):
     # every demo record has 3 steps: stage k with c_thought c puts k * c latents in its prompt
     config = dataclasses.replace(COCONUT, c_thought=c_thought, max_latent_stage=3, thought_feedback=feedback)
     base, tokenizer = load_base(str(exported / "coconut"))
-    model = make_coconut(base.eval(), tokenizer, thought_feedback=feedback)
+    model = make_coconut(base.eval(), tokenizer, thought_feedback=feedback, latent_iterations=iterations)
     prompts = CoconutDataset.from_file(str(exported / "data" / "test.jsonl"), encoding_for(base, tokenizer, config))
     prompts = prompts.prompts()
     prompts.set_stage(stage)
