@@ -30,17 +30,25 @@ COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Three exported random tiny models (coconut and projected-feedback coconut at stage 2, cot), a folder
-    without weights and six demo records."""
+    """Four exported random tiny models (coconut, projected-feedback coconut and coconut with 3 latent iterations
+    at stage 2, cot), a folder without weights and six demo records."""
     root = tmp_path_factory.mktemp("infer")
     demo_data.generate(str(root / "data"), sizes={"test": 6})
     projected = dataclasses.replace(COCONUT, thought_feedback="projected")
-    models = (("coconut", COCONUT, 2), ("cot", Config(cot=True, **SETTINGS), 0), ("projected", projected, 2))
+    jacobi = dataclasses.replace(COCONUT, latent_iterations=3)
+    models = (
+        ("coconut", COCONUT, 2),
+        ("cot", Config(cot=True, **SETTINGS), 0),
+        ("projected", projected, 2),
+        ("jacobi", jacobi, 2),
+    )
     for name, config, stage in models:
         torch.manual_seed(0)
         base, tokenizer = load_base("tiny")
         run = {"config": dataclasses.asdict(config), "stage": stage}
-        model = make_coconut(base, tokenizer, thought_feedback=config.thought_feedback)
+        model = make_coconut(
+            base, tokenizer, thought_feedback=config.thought_feedback, latent_iterations=config.latent_iterations
+        )
         export_pretrained(model, tokenizer, root / name, run)
     (root / "no_weights").mkdir()
     (root / "no_weights" / "coconut.json").write_text((root / "coconut" / "coconut.json").read_text())
@@ -246,3 +254,30 @@ def test_a_projected_export_loads_its_projection(exported, tmp_path):
             (broken / file.name).write_bytes(file.read_bytes())
     with pytest.raises(UserError, match="without thought_projection.safetensors"):
         inference.load_exported(str(broken), torch.device("cpu"))
+
+
+def test_an_export_records_its_latent_iterations_and_inference_uses_them(exported, tmp_path):
+    """The jacobi export holds the coconut export's weights: at 3 iterations its 2 thoughts are exact, so its answers
+    and probes are coconut's (to float32 rounding), in 3 + 8 passes. An export without the key (written before it
+    existed) iterates none."""
+    assert json.loads((exported / "jacobi" / "coconut.json").read_text())["config"]["latent_iterations"] == 3
+    assert inference.load_exported(str(exported / "jacobi"), torch.device("cpu")).model.latent_iterations == 3
+    records = str(exported / "data" / "test.jsonl")
+    older = tmp_path / "older"
+    older.mkdir()
+    for file in (exported / "jacobi").iterdir():
+        (older / file.name).write_bytes(file.read_bytes())
+    run = json.loads((older / "coconut.json").read_text())
+    del run["config"]["latent_iterations"]
+    (older / "coconut.json").write_text(json.dumps(run))
+    results = {}
+    for name, folder in (("coconut", exported / "coconut"), ("jacobi", exported / "jacobi"), ("older", older)):
+        infer.main([str(folder), "--records", records, "--probe", "3", "--out", str(tmp_path / name)])
+        rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        tokens = [(r["prediction"], [[t["id"] for t in thought] for thought in r["thoughts"]]) for r in rows]
+        probs = [t["prob"] for r in rows for thought in r["thoughts"] for t in thought]
+        results[name] = (tokens, probs, [r["passes"] for r in rows])
+    assert results["jacobi"][0] == results["coconut"][0] == results["older"][0]
+    assert results["jacobi"][1] == pytest.approx(results["coconut"][1], rel=1e-4)
+    assert results["older"][1] == results["coconut"][1]
+    assert results["jacobi"][2] == [3 + 8] * 6 and results["coconut"][2] == results["older"][2] == [2 + 8] * 6
