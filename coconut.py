@@ -292,7 +292,8 @@ class Coconut(nn.Module):
         `thoughts` other than "model" replaces every thought by a control (`THOUGHT_CONTROLS`): Gaussian noise of
         the thought's norm, zeros, or the `<|latent|>` embedding itself ("pause", which is what the `none`
         feedback trains with: the latents are then ordinary tokens and one pass covers the sequence).
-        With `latent_iterations`, the thoughts are computed by `_iterate` (none to fill: one pass, as here).
+        With `latent_iterations`, `_iterate` computes the thoughts instead (a batch without any, on every rank,
+        takes the one pass here).
         Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache, which
         has room for `cache_length` columns.
         """
