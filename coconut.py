@@ -6,9 +6,11 @@ order, so `Coconut` runs the decoder in segments split at each column that holds
 i ends just before latent column i, its last hidden state fills that column, and the KV cache carries
 everything before it. Each position is computed exactly once, in (distinct latent columns + 1) passes, and the
 gradient flows back through every pass to the vision tower, the projector and the language model.
-With `latent_iterations` > 0 the thoughts are computed instead by that many passes over all of them at once
-(Jacobi iteration, after PCCoT, arXiv 2506.18582; `Coconut._iterate`): 1 + latent_iterations passes whatever the
-number of thoughts, with the sequential loop's values and gradients in every row of fewer thoughts than that.
+With `latent_iterations: T` > 0 the thoughts are computed instead by Jacobi iteration (after PCCoT, arXiv
+2506.18582; `Coconut._iterate`): T rounds of feedback over all of them at once, in 2 + T decoder passes whatever the
+number of thoughts (one over the columns before the batch's first thought, then T + 1 over the rest: the first with
+the `<|latent|>` embeddings, each later one feeding every thought from the one before), with the sequential loop's
+values and gradients in every row of at most T thoughts.
 
 What the passes cost beyond one plain pass is kept to the passes themselves (see bench/bench.py): the KV cache
 is written once into buffers of the final length (`WriteOnceLayer`) instead of copied on every pass and kept
@@ -87,7 +89,7 @@ class Coconut(nn.Module):
     `latent_token_id` marks thought positions (the `<|start-latent|>`/`<|end-latent|>` markers around them are
     ordinary tokens to the model); `eos_token_id` ends generation. `thought_feedback` says how a hidden state
     becomes the next thought's input embedding (`feed_back`). `latent_iterations` > 0 computes the thoughts by that
-    many passes over all of them at once (`_iterate`) instead of one pass per thought.
+    many rounds of feedback over all of them at once (`_iterate`) instead of one pass per thought.
     """
 
     def __init__(
@@ -174,11 +176,11 @@ class Coconut(nn.Module):
 
     def thought_passes(self, n_thoughts: int, thoughts: str = "model") -> int:
         """The sequential decoder passes that a row's `n_thoughts` thoughts add to its prompt's one: one per
-        thought, or `latent_iterations` when they are iterated; none without thoughts or when they are not filled
-        (`fills_thoughts`)."""
+        thought (n + 1 in all), or the block's `latent_iterations` + 1 passes when they are iterated (2 +
+        latent_iterations in all); none without thoughts or when they are not filled (`fills_thoughts`)."""
         if n_thoughts == 0 or not self.fills_thoughts(thoughts):
             return 0
-        return self.latent_iterations or n_thoughts
+        return self.latent_iterations + 1 if self.latent_iterations else n_thoughts
 
     @staticmethod
     def _latent_columns(latent_mask: torch.Tensor) -> list[int]:
@@ -211,7 +213,7 @@ class Coconut(nn.Module):
         """The first column the latent iterations rerun: the batch's first latent column; None when no row has a
         latent (on no rank of a multi-rank job), and one pass covers the sequence.
 
-        Under a multi-rank job every rank must make the same 1 + latent_iterations decoder calls (sharded layers
+        Under a multi-rank job every rank must make the same 2 + latent_iterations decoder calls (sharded layers
         gather their weights on each call): a rank without latents, when another rank has some, reruns its last
         column, which changes no value.
         """
@@ -250,31 +252,33 @@ class Coconut(nn.Module):
         start: int,
         thoughts: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The thoughts by Jacobi iteration (after PCCoT, arXiv 2506.18582): one pass over the columns before
-        `start`, the batch's first latent column, caches them; then `latent_iterations` passes each run the
-        block from `start` to the end (thoughts, and what follows them) against that cache, every latent taking
-        `feed_back` (and `_control`) of the previous pass's final hidden state at the column before it. The first
-        pass starts every latent from its `<|latent|>` embedding, even one whose previous column is cached: so a
-        row's result never depends on where the other rows of its batch put their latents. Passes before the last
-        run against a fork of the cache (`_forked`), so only the last pass's keys and values stay in it.
+        """The thoughts by Jacobi iteration (after PCCoT, arXiv 2506.18582), T = `latent_iterations` rounds of
+        feedback: one pass over the columns before `start`, the batch's first latent column, caches them; then
+        T + 1 passes, numbered 0 to T, each run the block from `start` to the end (thoughts, and what follows them)
+        against that cache. Pass 0 starts every latent from its `<|latent|>` embedding, even one whose previous
+        column is cached: so a row's result never depends on where the other rows of its batch put their latents.
+        In each pass t >= 1 every latent takes `feed_back` (and `_control`) of pass t-1's final hidden state at the
+        column before it. Passes before the last run against a fork of the cache (`_forked`), so only pass T's keys
+        and values stay in it.
 
-        Exact for a row of n thoughts at latent_iterations >= n + 1: thought k's input in pass t comes from pass
-        t-1's state before it, which (causal attention) depends only on that pass's thoughts 1..k-1; so by
-        induction on t the thoughts 1..t-1 of pass t are the sequential loop's, as functions of the weights, and
-        from pass n + 1 on the pass computes the sequential loop's function: logits, loss and every gradient are
-        equal. Fewer passes leave the row's later thoughts inexact. Returns the final hidden states and the input
-        embeddings of the last pass.
+        Exact for a row of n thoughts at T >= n: thought i's input in pass t >= 1 comes from pass t-1's state
+        before it, which (causal attention) depends only on the columns before it, ordinary tokens and that pass's
+        thoughts 1..i-1. By induction on t, thoughts 1..t of pass t are the sequential loop's, as functions of the
+        weights: none for t = 0, and if pass t-1 holds thoughts 1..t-1 exactly, the states before pass t's thoughts
+        1..t are exact, and so are those thoughts. So pass T holds all n thoughts exactly when T >= n and computes
+        the sequential loop's function: logits, loss and every gradient are equal. Below the bound, thoughts T + 1
+        to n are in general inexact. Returns the final hidden states and the input embeddings of the last pass.
         """
         feed_back = self.feed_back()
         prefix = self._pass(embeds[:, :start], 0, attention_mask, position_ids, cache)
         block, latent = embeds[:, start:], latent_mask[:, start:, None]
         part, hidden = block, None
-        for step in range(self.latent_iterations):
+        for step in range(self.latent_iterations + 1):
             if hidden is not None:
                 # the state of the column before each block column: the prefix's last, then the previous pass's
                 before = torch.cat([prefix[:, -1:], hidden[:, :-1]], dim=1)
                 part = torch.where(latent, _control(feed_back(before), thoughts), block)
-            layers = cache if step == self.latent_iterations - 1 else _forked(cache)
+            layers = cache if step == self.latent_iterations else _forked(cache)
             hidden = self._pass(part, start, attention_mask, position_ids, layers)
         return torch.cat([prefix, hidden], dim=1), torch.cat([embeds[:, :start], part], dim=1)
 

@@ -68,7 +68,7 @@ class Config:
     pad_latent_to_max: bool = False  # give every record the stage's full latents, even with fewer steps
     uniform_prob: float = 0.0  # chance that a training item takes a stage drawn uniformly from 0..its steps
     thought_feedback: str = "hidden"  # a thought's input: hidden (the paper), rescaled, projected, none (pause)
-    latent_iterations: int = 0  # 0: a decoder pass per thought; k >= 2: k passes over all thoughts at once (Jacobi)
+    latent_iterations: int = 0  # 0: a decoder pass per thought; T >= 1: T feedback rounds over all thoughts (Jacobi)
     thought_loss_weight: float = 0.0  # step supervision: weight of decoding each thought group into its step
     # optimisation
     num_epochs: int = 10  # length of the whole run; the stages follow from epochs_per_stage
@@ -344,7 +344,7 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
 
 def _check_latent_iterations(config: Config, where: str) -> None:
     """latent_iterations iterates thoughts fed back from hidden states: only a coconut run without `none` feedback
-    has them, and one pass (1) feeds none back."""
+    has them."""
     if not config.latent_iterations:
         return
     if not config.coconut:
@@ -355,9 +355,6 @@ def _check_latent_iterations(config: Config, where: str) -> None:
         raise UserError(
             f"{where}: latent_iterations iterates thoughts fed back, which thought_feedback: none has not; {fix}"
         )
-    if config.latent_iterations == 1:
-        fix = "set 0 (a pass per thought) or at least 2"
-        raise UserError(f"{where}: latent_iterations: 1 feeds no thought back, as thought_feedback: none; {fix}")
 
 
 def check_demo_moves(moves: Any, where: str) -> tuple[int, int]:

@@ -113,9 +113,9 @@ def reference_logits(
     """Recompute the whole sequence once per distinct latent column, without a cache; each latent takes
     `feed_back` of the final hidden state before it (None: the latent token's own embedding, one plain pass).
 
-    With `iterations` k > 0, Jacobi iteration instead: k plain passes over the whole sequence, the first with every
-    latent's own token embedding, each later one with every latent at `feed_back` of the previous pass's final
-    hidden state before it; the logits of the last."""
+    With `iterations` T > 0, Jacobi iteration instead: T + 1 plain passes over the whole sequence, the first with
+    every latent's own token embedding, each of the T later ones with every latent at `feed_back` of the previous
+    pass's final hidden state before it; the logits of the last."""
     positions = positions_from_mask(attention_mask)
     embeds = base.get_input_embeddings()(input_ids)
     latent = input_ids == latent_id
@@ -129,7 +129,7 @@ def reference_logits(
     if iterations:
         rows, cols = torch.nonzero(latent, as_tuple=True)
         current = embeds
-        for _ in range(iterations - 1):
+        for _ in range(iterations):
             current = embeds.index_put((rows, cols), feed_back(run(current)[rows, cols - 1]))
         return head(run(current))
     for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):

@@ -30,12 +30,12 @@ COCONUT = Config(coconut=True, c_thought=1, max_latent_stage=2, **SETTINGS)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Four exported random tiny models (coconut, projected-feedback coconut and coconut with 3 latent iterations
+    """Four exported random tiny models (coconut, projected-feedback coconut and coconut with 2 latent iterations
     at stage 2, cot), a folder without weights and six demo records."""
     root = tmp_path_factory.mktemp("infer")
     demo_data.generate(str(root / "data"), sizes={"test": 6})
     projected = dataclasses.replace(COCONUT, thought_feedback="projected")
-    jacobi = dataclasses.replace(COCONUT, latent_iterations=3)
+    jacobi = dataclasses.replace(COCONUT, latent_iterations=2)
     models = (
         ("coconut", COCONUT, 2),
         ("cot", Config(cot=True, **SETTINGS), 0),
@@ -123,8 +123,9 @@ def reference_thoughts(base, input_ids: list[int], pixel_values, latent_id: int)
         (3, 2, "hidden", "noise", 0, 6),  # noise of a hidden state's norm: still computed from it, pass by pass
         (3, 2, "hidden", "pause", 0, 0),
         (3, 2, "none", "model", 0, 0),
-        (3, 2, "hidden", "model", 3, 3),  # Jacobi: the iterations, whatever the number of thoughts
-        (1, 2, "rescaled", "zeros", 4, 4),
+        (3, 2, "hidden", "model", 3, 4),  # Jacobi: the iterations + 1 block passes, whatever the number of thoughts
+        (3, 2, "hidden", "model", 1, 2),  # one round of feedback: two block passes for six thoughts
+        (1, 2, "rescaled", "zeros", 4, 5),
         (3, 2, "hidden", "pause", 3, 0),
         (0, 1, "hidden", "model", 3, 0),  # no thoughts to iterate: the prompt's one pass
     ],
@@ -257,11 +258,11 @@ def test_a_projected_export_loads_its_projection(exported, tmp_path):
 
 
 def test_an_export_records_its_latent_iterations_and_inference_uses_them(exported, tmp_path):
-    """The jacobi export holds the coconut export's weights: at 3 iterations its 2 thoughts are exact, so its answers
-    and probes are coconut's (to float32 rounding), in 3 + 8 passes. An export without the key (written before it
-    existed) iterates none."""
-    assert json.loads((exported / "jacobi" / "coconut.json").read_text())["config"]["latent_iterations"] == 3
-    assert inference.load_exported(str(exported / "jacobi"), torch.device("cpu")).model.latent_iterations == 3
+    """The jacobi export holds the coconut export's weights: at 2 iterations, the bound, its 2 thoughts are exact, so
+    its answers and probes are coconut's (to float32 rounding), in 2 + 1 + 8 passes. An export without the key
+    (written before it existed) iterates none."""
+    assert json.loads((exported / "jacobi" / "coconut.json").read_text())["config"]["latent_iterations"] == 2
+    assert inference.load_exported(str(exported / "jacobi"), torch.device("cpu")).model.latent_iterations == 2
     records = str(exported / "data" / "test.jsonl")
     older = tmp_path / "older"
     older.mkdir()
@@ -280,4 +281,4 @@ def test_an_export_records_its_latent_iterations_and_inference_uses_them(exporte
     assert results["jacobi"][0] == results["coconut"][0] == results["older"][0]
     assert results["jacobi"][1] == pytest.approx(results["coconut"][1], rel=1e-4)
     assert results["older"][1] == results["coconut"][1]
-    assert results["jacobi"][2] == [3 + 8] * 6 and results["coconut"][2] == results["older"][2] == [2 + 8] * 6
+    assert results["jacobi"][2] == [2 + 1 + 8] * 6 and results["coconut"][2] == results["older"][2] == [2 + 8] * 6

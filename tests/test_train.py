@@ -186,7 +186,7 @@ def test_loader_workers_train_the_same_weights(tmp_path, data_dir):
         # still needs its gradient); FSDP2 shards GPT-2's transformer.h, the layout unlike InternVL's
         "use_ddp=true model_id=tiny-qwen2 thought_feedback=projected",
         "use_fsdp=true model_id=tiny-gpt2",
-        # every rank makes 1 + latent_iterations decoder calls per forward, and backward runs through them all
+        # every rank makes 2 + latent_iterations decoder calls per forward, and backward runs through them all
         "use_fsdp=true latent_iterations=3",
     ],
 )
