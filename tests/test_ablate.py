@@ -4,6 +4,7 @@ row one budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -201,3 +202,18 @@ def test_runs_side_by_side_find_their_demo_set_written(tmp_path):
     ablate.write_demo_sets(spec, {"cot", "coconut"})
     demo_data.check(str(folder), "graph", tuple(ablate.variant_config(spec, "cot").demo_moves))
     assert (folder / "test.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    "name, baselines", [("iterations.yaml", "baselines.yaml"), ("iterations_hard.yaml", "baselines_hard.yaml")]
+)
+def test_the_iteration_rows_differ_in_latent_iterations_alone(name, baselines):
+    """Each row of an iterations spec is its baselines spec's coconut row with one latent_iterations: the same budget,
+    and the sequential row is that very config (so the two specs' runs of it are interchangeable)."""
+    spec = ablate.read_spec(ROOT / "args" / name)
+    configs = {variant: ablate.variant_config(spec, variant) for variant in spec["variants"]}
+    coconut = ablate.variant_config(ablate.read_spec(ROOT / "args" / baselines), "coconut")
+    assert configs["sequential"] == coconut and spec["seeds"] == ablate.read_spec(ROOT / "args" / baselines)["seeds"]
+    assert sorted(c.latent_iterations for c in configs.values()) == [0, 1, 2, 3]
+    for config in configs.values():
+        assert dataclasses.replace(config, latent_iterations=0) == coconut
