@@ -21,7 +21,9 @@ never builds the B x T x V logits.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +36,12 @@ from distributed import is_distributed
 # the markers that open and close the continuous thoughts, and the token each thought takes the place of
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
 
-# what inference puts at the latent positions: the model's thoughts or a control that carries nothing
-THOUGHT_CONTROLS = ("model", "noise", "zeros", "pause")
+# the token at each of the visual_latents positions after a thought, which carry the image features it chose
+VISUAL_TOKEN = "<|latent-image|>"
+
+# what inference puts at the latent positions: the model's thoughts or a control that carries nothing; with visual
+# latents also "random_patches": the model's thoughts, but seeded random image positions instead of the chosen ones
+THOUGHT_CONTROLS = ("model", "noise", "zeros", "pause", "random_patches")
 
 
 class CoconutOutput:
@@ -59,6 +65,10 @@ class CoconutOutput:
         self._hidden, self._head, self._logits = hidden, head, None
         self._labelled = labelled  # (logits at the labelled positions, shifted labels, their mask)
         self.thought_loss: torch.Tensor | None = None  # step supervision, set by `Coconut.forward` when asked
+        # visual latents: B x T x K, at each latent column the row's image-token indices (0 = its first image
+        # token) of the K patches its thought chose and their attention weights; -1 and 0 where none
+        self.patches: torch.Tensor | None = None
+        self.patch_weights: torch.Tensor | None = None
         self._grad = torch.is_grad_enabled()
         device = hidden.device.type
         self._autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -89,7 +99,9 @@ class Coconut(nn.Module):
     `latent_token_id` marks thought positions (the `<|start-latent|>`/`<|end-latent|>` markers around them are
     ordinary tokens to the model); `eos_token_id` ends generation. `thought_feedback` says how a hidden state
     becomes the next thought's input embedding (`feed_back`). `latent_iterations` > 0 computes the thoughts by that
-    many rounds of feedback over all of them at once (`_iterate`) instead of one pass per thought.
+    many rounds of feedback over all of them at once (`_iterate`) instead of one pass per thought. `visual_latents`
+    K > 0 (a vision model only) makes the K `visual_token_id` positions after every thought carry the image features
+    it attends to most (`_prefill_visual`).
     """
 
     def __init__(
@@ -99,12 +111,17 @@ class Coconut(nn.Module):
         eos_token_id: int,
         thought_feedback: str = "hidden",
         latent_iterations: int = 0,
+        visual_latents: int = 0,
+        visual_token_id: int = -1,
     ) -> None:
         super().__init__()
         if thought_feedback not in THOUGHT_FEEDBACK:
             raise ValueError(f"thought_feedback must be one of {THOUGHT_FEEDBACK}, got {thought_feedback!r}")
         if not isinstance(latent_iterations, int) or latent_iterations < 0:
             raise ValueError(f"latent_iterations must be an integer of at least 0, got {latent_iterations!r}")
+        if visual_latents and (thought_feedback == "none" or not hasattr(base.config, "vision_config")):
+            raise ValueError("visual_latents needs a vision-language model and thoughts fed back (not 'none')")
+        self.visual_latents, self.visual_token_id = visual_latents, visual_token_id
         self.base = base
         self.latent_token_id = latent_token_id
         self.eos_token_id = eos_token_id
@@ -171,16 +188,20 @@ class Coconut(nn.Module):
 
     def fills_thoughts(self, thoughts: str = "model") -> bool:
         """Whether the latents are filled from hidden states, in decoder passes of their own. Not under `none`
-        feedback or the pause control: the latents are then ordinary tokens, read with the prompt in one pass."""
-        return self.thought_feedback != "none" and thoughts != "pause"
+        feedback or the pause control: the latents are then ordinary tokens, read with the prompt in one pass
+        (except with visual latents, whose patches are still chosen thought by thought)."""
+        return self.thought_feedback != "none" and (thoughts != "pause" or self.visual_latents > 0)
 
     def thought_passes(self, n_thoughts: int, thoughts: str = "model") -> int:
-        """The sequential decoder passes that a row's `n_thoughts` thoughts add to its prompt's one: one per
-        thought (n + 1 in all), or the block's `latent_iterations` + 1 passes when they are iterated (2 +
-        latent_iterations in all); none without thoughts or when they are not filled (`fills_thoughts`)."""
+        """The sequential decoder passes that a row's `n_thoughts` thoughts add to its prompt's one: none without
+        thoughts or when they are not filled (`fills_thoughts`); the block's `latent_iterations` + 1 when they are
+        iterated (2 + latent_iterations in all); otherwise one per thought (n + 1 in all), and with visual latents
+        one more, for the last thought's patches."""
         if n_thoughts == 0 or not self.fills_thoughts(thoughts):
             return 0
-        return self.latent_iterations + 1 if self.latent_iterations else n_thoughts
+        if self.latent_iterations:
+            return self.latent_iterations + 1
+        return n_thoughts + (self.visual_latents > 0)
 
     @staticmethod
     def _latent_columns(latent_mask: torch.Tensor) -> list[int]:
@@ -326,6 +347,110 @@ class Coconut(nn.Module):
             hidden = hidden + 0.0 * self.projection(hidden[:, :1]).sum()
         return hidden, torch.cat(embed_parts, dim=1), cache
 
+    def _fill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache_length: int,
+        thoughts: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, Cache, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`_prefill`, or `_prefill_visual` for a model with visual latents; the last item is the patches chosen
+        (None without visual latents)."""
+        if self.visual_latents:
+            return self._prefill_visual(input_ids, attention_mask, pixel_values, position_ids, cache_length, thoughts)
+        return *self._prefill(input_ids, attention_mask, pixel_values, position_ids, cache_length, thoughts), None
+
+    def _prefill_visual(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache_length: int,
+        thoughts: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, Cache, tuple[torch.Tensor, torch.Tensor]]:
+        """`_prefill` with visual latents (after IVT-LR, arXiv 2510.12603): the K positions after every thought take
+        the image features (as `embed` gives them to the language model) at the K image-context positions of the
+        row that the thought's position attends to most at the decoder's last layer (`_thought_attention`), in
+        image order. A row without image positions keeps the visual token's own embedding there.
+
+        A thought's patches need its own pass, so the passes split before each row's first thought and after every
+        thought: one pass holds a thought's patches and the next thought, which takes `feed_back` of the last hidden
+        state of the thought before it (not of its patches). Each thought still costs one pass; the last thought's
+        patches add one. `thoughts` replaces the thoughts as in `_prefill` ("pause": the `<|latent|>` embedding, still
+        one pass per thought) or, "random_patches", the choice: seeded random image positions (the same batch gives
+        the same positions). Returns `_prefill`'s triple and (patches, weights): B x T x K image-token indices of
+        the row (0 = its first image token) and attention weights at each latent column, -1 and 0 elsewhere.
+        """
+        k, (batch, width) = self.visual_latents, input_ids.shape
+        embeds = self.embed(input_ids, pixel_values)
+        latent = input_ids == self.latent_token_id
+        visual = _visual_mask(input_ids, latent, self.visual_token_id, k)
+        image = input_ids == self.base.config.image_token_id
+        image_index = image.long().cumsum(1) - 1
+        columns = torch.arange(width, device=input_ids.device)
+        # a thought's source: the column before it, or where that is a patch, the thought the patch belongs to
+        owner = torch.where(latent, columns, -1).cummax(1).values
+        source = torch.where(F.pad(visual[:, :-1], (1, 0)), F.pad(owner[:, :-1], (1, 0)), columns - 1)
+        first = latent & (latent.long().cumsum(1) == 1)
+        segments = self._segments(first | F.pad(latent[:, :-1], (1, 0)))
+        ends = torch.tensor([end for _, end in segments], device=input_ids.device)
+        feed_back = self.feed_back()
+        generator = torch.Generator().manual_seed(0) if thoughts == "random_patches" else None
+        attention = self.decoder.layers[-1].self_attn
+        cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
+        patch_column = torch.full_like(input_ids, -1)  # at a patch position: the image column it copies
+        chosen = torch.full((batch, width, k), -1, dtype=torch.long, device=input_ids.device)
+        weights = torch.zeros(batch, width, k, device=input_ids.device)
+        rows = torch.arange(batch, device=input_ids.device)
+        hidden_parts, embed_parts, lasts = [], [], []
+        with _capture_query(attention) as capture:
+            for start, end in segments:
+                part, here = embeds[:, start:end], latent[:, start:end]
+                has, offset = here.any(1), here.long().argmax(1)  # at most one thought per row in a pass
+                column = start + offset
+                if hidden_parts:
+                    # every source is the last column of an earlier pass: the one that ends right after it
+                    done = torch.stack(lasts, 1)
+                    index = torch.searchsorted(ends, source[rows, column] + 1).clamp(max=len(lasts) - 1)
+                    if thoughts != "pause":
+                        thought = _control(feed_back(done[rows, index]), thoughts)
+                        part = torch.where(here[..., None], thought[:, None].to(part.dtype), part)
+                    copied = patch_column[:, start:end]
+                    features = embeds[rows[:, None], copied.clamp(min=0)]
+                    part = torch.where((copied >= 0)[..., None], features, part)
+                capture.offsets = offset
+                out = self.decoder(
+                    inputs_embeds=part,
+                    attention_mask=attention_mask[:, :end],
+                    position_ids=position_ids[:, start:end],
+                    use_cache=True,
+                    **{self.cache_arg: cache},
+                )
+                hidden_parts.append(out.last_hidden_state)
+                embed_parts.append(part)
+                lasts.append(out.last_hidden_state[:, -1])
+                with torch.no_grad():
+                    if generator is None:
+                        allowed = attention_mask[:, :end].bool() & (columns[:end] <= column[:, None])
+                        scores = _thought_attention(capture.query, cache.layers[-1].keys, allowed, attention.scaling)
+                    else:
+                        scores = torch.rand(batch, end, generator=generator).to(input_ids.device)
+                    picked, picked_weights = _top_patches(scores, image[:, :end], k)
+                    picked = torch.where(has[:, None], picked, -1)
+                    into = (column[:, None] + 1 + torch.arange(k, device=input_ids.device)).clamp(max=width - 1)
+                    patch_column.scatter_(1, into, torch.where(has[:, None], picked, patch_column.gather(1, into)))
+                    found = picked >= 0
+                    chosen[rows, column] = torch.where(found, image_index.gather(1, picked.clamp(min=0)), -1)
+                    weights[rows, column] = torch.where(found, picked_weights.float(), 0.0)
+        hidden = torch.cat(hidden_parts, dim=1)
+        if self.projection is not None and len(hidden_parts) == 1 and is_distributed():
+            # no thought in this batch: DDP still expects a gradient for the projection's parameters
+            hidden = hidden + 0.0 * self.projection(hidden[:, :1]).sum()
+        return hidden, torch.cat(embed_parts, dim=1), cache, (chosen, weights)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -350,7 +475,7 @@ class Coconut(nn.Module):
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden, embeds, _ = self._prefill(
+        hidden, embeds, _, patches = self._fill(
             input_ids, attention_mask, pixel_values, position_ids, input_ids.shape[1], thoughts
         )
         head = self.base.get_output_embeddings()
@@ -365,6 +490,8 @@ class Coconut(nn.Module):
             loss = F.cross_entropy(logits, targets[keep])
             labelled = (logits, targets, keep)
         output = CoconutOutput(loss, embeds, hidden, head, labelled)
+        if patches is not None:
+            output.patches, output.patch_weights = patches
         if step_ids is not None:
             latent = input_ids == self.latent_token_id
             per_row = latent.sum(1).tolist()
@@ -424,7 +551,7 @@ class Coconut(nn.Module):
         input_ids, attention_mask = left_padded(input_ids, attention_mask)
         position_ids = positions_from_mask(attention_mask)
         width = input_ids.shape[1] + max_new_tokens
-        hidden, _, cache = self._prefill(input_ids, attention_mask, pixel_values, position_ids, width, thoughts)
+        hidden, _, cache, _ = self._fill(input_ids, attention_mask, pixel_values, position_ids, width, thoughts)
         head, embedding = self.base.get_output_embeddings(), self.base.get_input_embeddings()
         next_pos = position_ids[:, -1:] + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -494,6 +621,71 @@ def _forked(cache: Cache) -> Cache:
         fork.keys, fork.values = layer.keys, layer.values
         layers.append(fork)
     return Cache(layers=layers)
+
+
+def _visual_mask(input_ids: torch.Tensor, latent: torch.Tensor, visual_token_id: int, k: int) -> torch.Tensor:
+    """The patch positions (B x T): the `visual_token_id` tokens, checked to be exactly the k columns after every
+    latent."""
+    visual = input_ids == visual_token_id
+    expected = torch.zeros_like(latent)
+    for shift in range(1, k + 1):
+        expected[:, shift:] |= latent[:, :-shift]
+    if not torch.equal(visual, expected):
+        raise ValueError(f"every <|latent|> must be followed by exactly {k} {VISUAL_TOKEN} tokens, and only there")
+    return visual
+
+
+class _LastQuery:
+    """A forward hook on the decoder's last attention layer that keeps, of each pass, the query at one column per
+    row (`offsets`, set before the pass) as that layer computes it: its input (already normed), q projection, q
+    norm where the family has one, rotary embedding. Run inside the layer's call, it finds the layer's weights
+    whole even where FSDP2 shards them between calls."""
+
+    def __init__(self) -> None:
+        self.offsets: torch.Tensor | None = None
+        self.query: torch.Tensor | None = None  # B x H x 1 x head_dim
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        with torch.no_grad():
+            states = kwargs["hidden_states"]
+            rows = torch.arange(states.shape[0], device=states.device)
+            query = module.q_proj(states[rows, self.offsets]).view(len(rows), -1, 1, module.head_dim)
+            if hasattr(module, "q_norm"):
+                query = module.q_norm(query)
+            cos, sin = (table[rows, self.offsets][:, None] for table in kwargs["position_embeddings"])
+            self.query, _ = sys.modules[type(module).__module__].apply_rotary_pos_emb(query, query, cos, sin)
+
+
+@contextmanager
+def _capture_query(attention: nn.Module) -> Iterator[_LastQuery]:
+    """`_LastQuery` hooked on `attention` for the duration of the block."""
+    capture = _LastQuery()
+    handle = attention.register_forward_hook(capture, with_kwargs=True)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+def _thought_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The softmax attention weights of one query per row (B x H x 1 x d, after RoPE) over the cached keys
+    (B x KVH x T' x d, after RoPE, T' >= T; each KV head serves H / KVH query heads, as grouped-query attention
+    shares them), over the key columns the query may see (`allowed`, B x T), averaged over the heads: B x T."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    keys = keys[:, :, : allowed.shape[1]].repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+    scores = (query.to(dtype) @ keys.to(dtype).transpose(-1, -2)).squeeze(2) * scaling
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
+
+
+def _top_patches(scores: torch.Tensor, image: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k image columns (`image`, B x T) of highest score per row, ties to the lower column, in column order,
+    and their scores; -1 where a row has fewer than k image columns."""
+    scores = F.pad(scores.masked_fill(~image, float("-inf")), (0, max(0, k - scores.shape[1])), value=float("-inf"))
+    best = scores.sort(dim=-1, descending=True, stable=True)
+    picked, values = best.indices[:, :k], best.values[:, :k]
+    order = picked.argsort(-1)
+    picked, values = picked.gather(1, order), values.gather(1, order)
+    return torch.where(values > float("-inf"), picked, -1), values
 
 
 class WriteOnceLayer(DynamicLayer):

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 import checkpoint
-from coconut import LATENT_TOKENS, Coconut
+from coconut import LATENT_TOKENS, VISUAL_TOKEN, Coconut
 from config import Config
 from dataset import Encoding
 from models import causal_lm, internvl
@@ -62,8 +62,10 @@ def load_base(
     latent_init: str = "mean",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    visual: bool = False,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Return the base model (in `dtype`, RMSNorms fused) and its tokenizer, latent tokens included.
+    """Return the base model (in `dtype`, RMSNorms fused) and its tokenizer, latent tokens included (and with
+    `visual`, for visual_latents > 0, `VISUAL_TOKEN`).
 
     `model_id` is a tiny offline model (TINY_FAMILIES), a local checkpoint folder or a hub id (downloaded once, then
     read from the local cache) of an InternVL3 or any causal LM. `attn_implementation` None picks flash-attention 2
@@ -77,7 +79,7 @@ def load_base(
         folder = model_id if os.path.isdir(model_id) else _download(model_id)
         model_type = read_checkpoint_config(folder).get("model_type")
         model, tokenizer = family(model_type).load(folder, dtype, attn_implementation)
-    add_latent_tokens(model, tokenizer, latent_init)
+    add_latent_tokens(model, tokenizer, latent_init, visual)
     internvl.fuse_rms_norms(model)  # Qwen2's RMSNorms, wherever they are (InternVL's text part, a Qwen2 model)
     return model, tokenizer
 
@@ -93,17 +95,24 @@ def _download(model_id: str) -> str:
         raise UserError(f"config: model_id '{model_id}' is no local folder and could not be fetched ({err})") from None
 
 
-def add_latent_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, init: str) -> None:
-    """Add the three latent tokens to `tokenizer`, resize `model`'s embeddings and initialise the new rows.
+def add_latent_tokens(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, init: str, visual: bool = False
+) -> None:
+    """Add the three latent tokens to `tokenizer` (and with `visual` a fourth, `VISUAL_TOKEN`: only a visual-latent
+    model has it, so every other model's vocabulary and checkpoints stay as they are), resize `model`'s embeddings
+    and initialise the new rows.
 
     `init` is the rule for the new input rows (and output rows when the head is untied): "mean" copies the mean
     of the existing rows, any other string copies the row of the token that text encodes to. Either way the new
     rows have the scale of the trained ones, never a fresh random draw.
     """
-    tokenizer.add_tokens(list(LATENT_TOKENS), special_tokens=True)
-    new_ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    tokens = [*LATENT_TOKENS, VISUAL_TOKEN] if visual else list(LATENT_TOKENS)
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    new_ids = tokenizer.convert_tokens_to_ids(tokens)
     old_size = model.get_input_embeddings().weight.shape[0]
-    if min(new_ids) < old_size:  # already present (e.g. a checkpoint saved by this repo)
+    # already present (e.g. a checkpoint saved by this repo; a CoT model a visual-latent run starts from lacks only
+    # the visual token, whose row alone is then new)
+    if max(new_ids) < old_size:
         return
     if init != "mean":
         source = tokenizer.encode(init, add_special_tokens=False)

@@ -4,6 +4,7 @@ hand, and run.py on demo data."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 import demo_data
 import prepare_data
-from coconut import LATENT_TOKENS, Coconut, decoder_of, positions_from_mask
+from coconut import LATENT_TOKENS, VISUAL_TOKEN, Coconut, decoder_of, positions_from_mask
 from models import load_base
 from models.internvl import image_seq_length
 
@@ -45,6 +46,18 @@ def tiny(model_id: str):
 def tiny_base():
     """The tiny random InternVL and its tokenizer (`tiny`)."""
     return tiny("tiny")
+
+
+@pytest.fixture(scope="session")
+def visual_base():
+    """The tiny random InternVL with the visual-latent token (float64, weights seeded as `tiny`'s), its tokenizer,
+    and a copy of it on eager attention, whose attention weights the visual-latent reference reads."""
+    torch.manual_seed(0)
+    model, tokenizer = load_base("tiny", visual=True)
+    model = model.double().eval()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return model, tokenizer, eager
 
 
 @pytest.fixture(scope="session", params=TINY_MODELS)
@@ -90,13 +103,19 @@ def text_data_dir(data_dir, tmp_path_factory) -> Path:
 
 
 def make_coconut(
-    base, tokenizer, eos_token_id: int | None = None, thought_feedback: str = "hidden", latent_iterations: int = 0
+    base,
+    tokenizer,
+    eos_token_id: int | None = None,
+    thought_feedback: str = "hidden",
+    latent_iterations: int = 0,
+    visual_latents: int = 0,
 ) -> Coconut:
     """Wrap `base` with the tokenizer's latent ids (a `projected` map seeded, in the base's dtype)."""
     latent = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    visual = tokenizer.convert_tokens_to_ids(VISUAL_TOKEN) if visual_latents else -1
     torch.manual_seed(0)
-    return Coconut(base, latent, eos, thought_feedback, latent_iterations).to(base.dtype)
+    return Coconut(base, latent, eos, thought_feedback, latent_iterations, visual_latents, visual).to(base.dtype)
 
 
 def image_block(base, tokenizer, n_tiles: int) -> list[int]:
@@ -141,21 +160,74 @@ def reference_logits(
     return head(run(embeds))
 
 
+def reference_visual_logits(base, eager, input_ids, attention_mask, pixel_values, latent_id, visual_id, k, feed_back):
+    """`reference_logits` with visual latents, cache-free and thought by thought: each latent takes `feed_back` of
+    the final state before it (of the previous latent where a patch comes before it); then the k positions after it
+    take the image features (as the vision tower and projector give them) at the row's k image positions of highest
+    last-layer attention from the latent, averaged over heads, read from `eager` (the same weights on eager
+    attention, `output_attentions`), ties to the lower index, in image order. Returns the logits and, per
+    (row, latent column), the chosen image-token indices and their weights."""
+    positions = positions_from_mask(attention_mask)
+    image = input_ids == base.config.image_token_id
+    features = base.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=base.config.vision_feature_layer,
+        vision_feature_select_strategy=base.config.vision_feature_select_strategy,
+    )
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output
+    tile_count = image.sum(1) // features.shape[1]
+    tile_start = (torch.cumsum(tile_count, 0) - tile_count).tolist()
+    features = features.flatten(0, 1)
+    first_feature = torch.cumsum(image.sum(1), 0) - image.sum(1)  # each row's first feature's index
+    embeds = base.get_input_embeddings()(input_ids)
+    latent, chosen = input_ids == latent_id, {}
+    for col in sorted(set(torch.nonzero(latent)[:, 1].tolist())):
+        hidden = plain_hidden(base, embeds, attention_mask, positions, pixel_values)
+        for row in torch.nonzero(latent[:, col]).flatten().tolist():
+            source = col - 1
+            if input_ids[row, source] == visual_id:
+                source = max(c for c in range(col) if latent[row, c])
+            embeds = embeds.index_put((torch.tensor([row]), torch.tensor([col])), feed_back(hidden[row, source])[None])
+        for row in torch.nonzero(latent[:, col]).flatten().tolist():
+            columns = torch.nonzero(image[row]).flatten().tolist()
+            if len(columns) < k:
+                continue  # nothing to look at: the patches keep the visual token's embedding
+            # the row alone, without its padding: eager attention's weights then hold no masked columns at all
+            keep = attention_mask[row].bool()
+            tiles = pixel_values[tile_start[row] : tile_start[row] + tile_count[row]]
+            with torch.no_grad():
+                attentions = eager.model(
+                    inputs_embeds=embeds[row : row + 1, keep], pixel_values=tiles, output_attentions=True
+                ).attentions[-1][0]
+            at = int(keep[:col].sum())  # the latent's column in the unpadded row
+            weight = attentions[:, at].mean(0)
+            real = torch.nonzero(image[row, keep]).flatten().tolist()
+            ranked = sorted(range(len(real)), key=lambda i: (-weight[real[i]].item(), i))[:k]
+            picked = sorted(ranked)
+            chosen[row, col] = (picked, [weight[real[i]].item() for i in picked])
+            values = features[first_feature[row] + torch.tensor(picked)]
+            cols = torch.arange(col + 1, col + 1 + k)
+            embeds = embeds.index_put((torch.full_like(cols, row), cols), values)
+    return base.get_output_embeddings()(plain_hidden(base, embeds, attention_mask, positions, pixel_values)), chosen
+
+
 def shifted_loss(logits, labels):
     """The cross-entropy of each position's logits against the next label (-100 ignored)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def build_batch(base, tokenizer, rows, pad_left):
+def build_batch(base, tokenizer, rows, pad_left, visual: int = 0):
     """rows: (n_tiles, prefix_len, n_latents, suffix_len); random text, padded left or right per row. A text model
-    gets no tiles (its rows' n_tiles are read as 0)."""
+    gets no tiles (its rows' n_tiles are read as 0). `visual` puts that many visual-latent tokens after each
+    latent."""
     start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    patches = [tokenizer.convert_tokens_to_ids(VISUAL_TOKEN)] * visual
     gen = torch.Generator().manual_seed(1)
     seqs, tiles = [], 0
     for n_tiles, prefix, n_latents, suffix in rows:
         n_tiles = n_tiles if has_vision(base) else 0
         text = lambda n: torch.randint(0, 256, (n,), generator=gen).tolist()  # noqa: E731
-        marked = [start] + [latent] * n_latents + [end] if n_latents else []
+        marked = [start] + ([latent] + patches) * n_latents + [end] if n_latents else []
         seqs.append(image_block(base, tokenizer, n_tiles) + text(prefix) + marked + text(suffix))
         tiles += n_tiles
     width = max(map(len, seqs))
