@@ -70,6 +70,7 @@ class Config:
     thought_feedback: str = "hidden"  # a thought's input: hidden (the paper), rescaled, projected, none (pause)
     latent_iterations: int = 0  # 0: a decoder pass per thought; T >= 1: T feedback rounds over all thoughts (Jacobi)
     thought_loss_weight: float = 0.0  # step supervision: weight of decoding each thought group into its step
+    visual_latents: int = 0  # K > 0 (vision models): K positions after each thought, the patches it attends to most
     # optimisation
     num_epochs: int = 10  # length of the whole run; the stages follow from epochs_per_stage
     batch_size_training: int = 8  # micro-batch per rank
@@ -312,11 +313,17 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
         "thought_loss_weight",
         "log_every",
         "latent_iterations",
+        "visual_latents",
     )
     for key in not_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{where}: {key} must be at least 0, got {getattr(config, key)}")
     _check_latent_iterations(config, where)
+    if config.visual_latents and (not config.coconut or config.thought_feedback == "none"):
+        raise UserError(
+            f"{where}: visual_latents looks at the image again after each continuous thought; set coconut: true and "
+            "a thought_feedback other than none, or visual_latents: 0"
+        )
     if config.log_every and config.report_to == "none":
         raise UserError(f"{where}: log_every sends step metrics to report_to's tracker; set report_to or log_every: 0")
     if config.train_stage < -1:

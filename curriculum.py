@@ -31,6 +31,11 @@ def stage_plan(stage: int, n_steps: int, config: Config) -> tuple[int, int]:
     return removed, 0 if config.no_thoughts else latent_steps * config.c_thought
 
 
+def latent_width(config: Config) -> int:
+    """The positions each latent takes in a sequence: the thought, then its visual_latents patch positions."""
+    return 1 + config.visual_latents
+
+
 def has_markers(config: Config) -> bool:
     """Whether sequences carry <|start-latent|> and <|end-latent|>: in coconut mode, unless no_thoughts."""
     return config.coconut and not config.no_thoughts

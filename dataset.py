@@ -6,6 +6,7 @@ A training sequence at curriculum stage k is
 
 where the first k steps are replaced by n = k x c_thought latents (`curriculum.stage_plan` is the one rule used in
 training and evaluation) and the image block is the model family's (`images.Vision`; a text model's has none).
+With visual_latents K, each `<|latent|>` is followed by K `<|latent-image|>` positions (`curriculum.latent_width`).
 Tokenisation happens once per record; a stage change only re-assembles token lists.
 """
 
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from coconut import LATENT_TOKENS
+from coconut import LATENT_TOKENS, VISUAL_TOKEN
 from config import Config
-from curriculum import has_markers, stage_plan
+from curriculum import has_markers, latent_width, stage_plan
 from images import TileCache, Vision, image_file, image_paths, num_tiles, tile_image, tiles_to_tensor, to_rgb
 from records import load_records, record_name
 from scoring import ANSWER_MARK
@@ -83,11 +84,11 @@ def tokenize_record(record: dict, where: str, source: str, encoding: Encoding) -
 def longest_sequence(tokens: TokenizedRecord, config: Config) -> int:
     """The length of the longest training sequence the record gives at any stage: stage 0 for cot and no_cot,
     stages 0..max_latent_stage for coconut, each laid out by `stage_plan` as `CoconutDataset` builds it (markers,
-    that stage's latents, the steps it keeps). Later stages and uniform_prob's draws give nothing longer: past
-    max_latent_stage every step goes and the latent count stays at its maximum."""
+    that stage's latents with their patch positions, the steps it keeps). Later stages and uniform_prob's draws give
+    nothing longer: past max_latent_stage every step goes and the latent count stays at its maximum."""
     last = config.max_latent_stage if config.coconut else 0
     plans = (stage_plan(stage, len(tokens.steps), config) for stage in range(last + 1))
-    middle = max(latents + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
+    middle = max(latents * latent_width(config) + sum(map(len, tokens.steps[removed:])) for removed, latents in plans)
     markers = 2 if has_markers(config) else 0
     return len(tokens.prompt) + markers + middle + len(tokens.answer)
 
@@ -112,6 +113,9 @@ class CoconutDataset(torch.utils.data.Dataset):
         self.positions = list(range(len(records)))  # each record's place in the file, kept when some are skipped
         tokenizer = encoding.tokenizer
         self.start_id, self.end_id, self.latent_id = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+        # the patch positions after each latent (a visual-latent model's tokenizer holds the token)
+        patch = tokenizer.convert_tokens_to_ids(VISUAL_TOKEN) if self.config.visual_latents else None
+        self.thought_ids = [self.latent_id] + [patch] * self.config.visual_latents
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.tokens = [tokenize_record(r, self._where(i), source, encoding) for i, r in enumerate(records)]
         self._apply_max_length()
@@ -203,7 +207,7 @@ class CoconutDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         tokens = self.tokens[index]
         removed, n_latents = stage_plan(self.item_stage(index), len(tokens.steps), self.config)
-        thought = [self.start_id] + [self.latent_id] * n_latents + [self.end_id] if has_markers(self.config) else []
+        thought = [self.start_id] + self.thought_ids * n_latents + [self.end_id] if has_markers(self.config) else []
         prompt = tokens.prompt + thought
         item = {"pixel_values": self.pixel_values(index)}
         if self.for_generation:

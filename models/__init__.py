@@ -131,19 +131,34 @@ def add_latent_tokens(
 
 def build_model(config: Config) -> tuple[Coconut, PreTrainedTokenizerBase]:
     """The base model (or the checkpoint to start from) wrapped in Coconut with the config's thought feedback and
-    latent iterations, and its tokenizer. A `projected` model starting from a model without a projection (a CoT
-    model) gets a new one; with activation_checkpointing, the family's vision tower recomputes its activations in
-    backward."""
+    latent iterations and visual latents (a text model refuses them), and its tokenizer. A `projected` model starting
+    from a model without a projection (a CoT model) gets a new one; with activation_checkpointing, the family's
+    vision tower recomputes its activations in backward."""
     start_from = config.load_model_path
     if start_from != "none" and not Path(start_from).exists():
         raise UserError(f"config: load_model_path {start_from} does not exist; train stage 0 first or fix the path")
     folder = start_from if start_from != "none" and Path(start_from).is_dir() else config.model_id
     dtype = torch.bfloat16 if config.bf16_weights else torch.float32
-    base, tokenizer = load_base(folder, config.latent_init, dtype, config.attn_implementation or None)
+    visual = config.visual_latents > 0
+    base, tokenizer = load_base(folder, config.latent_init, dtype, config.attn_implementation or None, visual)
+    if visual and family(base.config.model_type).vision(base.config) is None:
+        raise UserError(
+            f"config: visual_latents {config.visual_latents} looks at the image again, but {config.model_id} is a "
+            "text model; set visual_latents: 0 or use a vision-language model_id"
+        )
     latent_id = tokenizer.convert_tokens_to_ids(LATENT_TOKENS[2])
+    visual_id = tokenizer.convert_tokens_to_ids(VISUAL_TOKEN) if visual else -1
     if config.activation_checkpointing:
         family(base.config.model_type).checkpoint_activations(base)
-    model = Coconut(base, latent_id, tokenizer.eos_token_id, config.thought_feedback, config.latent_iterations)
+    model = Coconut(
+        base,
+        latent_id,
+        tokenizer.eos_token_id,
+        config.thought_feedback,
+        config.latent_iterations,
+        config.visual_latents,
+        visual_id,
+    )
     if start_from != "none" and Path(start_from).is_file():
         checkpoint.load_model_weights(start_from, model)
     elif start_from != "none":
