@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from utils import UserError
 
@@ -87,6 +87,39 @@ def tile_image(image: Image.Image, tile: int, max_tiles: int, use_thumbnail: boo
         thumb = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC, reducing_gap=3.0))
         tiles = np.concatenate([tiles, thumb[None]])
     return tiles
+
+
+def patch_box(index: int, width: int, height: int, vision: Vision, max_tiles: int) -> tuple[float, float, float, float]:
+    """The part of a width x height image (left, top, right, bottom, in its pixels) that image-context token `index`
+    of its block sees. Pixel shuffle makes each tile a square grid of tokens_per_tile tokens, row by row; `tile_image`
+    cuts the tiles row by row, and the tile after them (a thumbnail of the whole image) sees the whole image in
+    coarser cells."""
+    side = math.isqrt(vision.tokens_per_tile)
+    tile, cell = divmod(index, vision.tokens_per_tile)
+    row, col = divmod(cell, side)
+    cols, rows = tile_grid(width, height, vision.tile, max_tiles)
+    if tile >= cols * rows:  # the thumbnail
+        cols = rows = 1
+        tile = 0
+    tile_row, tile_col = divmod(tile, cols)
+    cell_width, cell_height = width / (cols * side), height / (rows * side)
+    left, top = (tile_col * side + col) * cell_width, (tile_row * side + row) * cell_height
+    return left, top, left + cell_width, top + cell_height
+
+
+def draw_patches(image: Image.Image, picks: list[list[int]], vision: Vision, max_tiles: int) -> Image.Image:
+    """A copy of `image` with the cells of each thought's chosen image-context tokens (`picks`, per thought, indices
+    into this image's block) outlined, one colour per thought (cycling through six), numbered by thought; cells of
+    the thumbnail tile are drawn over the whole image, as it sees it."""
+    colours = ("red", "lime", "blue", "yellow", "magenta", "cyan")
+    drawn = to_rgb(image).copy()
+    pen = ImageDraw.Draw(drawn)
+    for n, indices in enumerate(picks):
+        for index in indices:
+            box = patch_box(index, image.width, image.height, vision, max_tiles)
+            pen.rectangle(box, outline=colours[n % len(colours)])
+            pen.text((box[0] + 1, box[1]), str(n + 1), fill=colours[n % len(colours)])
+    return drawn
 
 
 def tiles_to_tensor(tiles: np.ndarray) -> torch.Tensor:

@@ -7,9 +7,11 @@ its thoughts decode to, and a comparison of methods on one test set.
 
 The mode (coconut, cot, no_cot) and the prompt format come from the folder's coconut.json, the number of thoughts
 from its stage unless `--stage` sets another. `--probe K` decodes every continuous thought through the language
-model head, as the Coconut paper does, and reports its top-K tokens. `--thoughts noise|zeros|pause` replaces every
-continuous thought by Gaussian noise of its norm, zeros, or the `<|latent|>` embedding: a thought that carries
-information costs accuracy when replaced.
+model head, as the Coconut paper does, and reports its top-K tokens; for a visual-latent model also the image
+patches each thought chose (with --records, drawn on the images: <out>/patches/<index>.png). `--thoughts
+noise|zeros|pause` replaces every continuous thought by Gaussian noise of its norm, zeros, or the `<|latent|>`
+embedding: a thought that carries information costs accuracy when replaced. `--thoughts random_patches` (a
+visual-latent model) keeps the thoughts but gives their patch positions seeded random image patches.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from utils import UserError, entry_point
 def format_thought(n: int, tokens: list[dict]) -> str:
     """One thought's probe as a console line: thought 1: 'red' 0.41 | 'blue' 0.22 ..."""
     return f"thought {n}: " + " | ".join(f"{t['token']!r} {t['prob']:.2f}" for t in tokens)
+
+
+def format_patches(n: int, indices: list[int], tokens_per_tile: int) -> str:
+    """The patches one thought chose as a console line: thought 1 looked at: tile 0 cell 3, tile 1 cell 12"""
+    cells = ", ".join(f"tile {i // tokens_per_tile} cell {i % tokens_per_tile}" for i in indices)
+    return f"thought {n} looked at: {cells or 'no image'}"
 
 
 def format_summary(result: dict) -> str:
@@ -105,19 +113,23 @@ def answer_main(argv: list[str]) -> None:
     if args.image and args.records:
         parser.error("--image goes with --question; a records file names its own images")
     exported = load_exported(args.folder, torch.device(args.device))
+    if args.thoughts == "random_patches" and not exported.model.visual_latents:
+        raise UserError(f"{args.folder}: --thoughts random_patches needs a model trained with visual_latents > 0")
     stage = exported.stage if args.stage is None else args.stage
     print(f"{args.folder}: {exported.mode}, stage {stage}", file=sys.stderr)
     if args.question is not None:
         controls = Controls(args.blank_images, args.thoughts)
-        row, thoughts = ask(exported, args.image, args.question, stage, args.probe, controls)
+        row, thoughts, patches = ask(exported, args.image, args.question, stage, args.probe, controls)
         print(f"answer: {row['prediction']}  ({row['gen_tokens']} tokens, {1000 * row['latency_s']:.0f} ms)")
         for n, tokens in enumerate(thoughts, 1):
             print(format_thought(n, tokens))
+            if exported.model.visual_latents:
+                print(format_patches(n, patches[n - 1], exported.vision.tokens_per_tile))
         return
     batch_size = args.batch_size or exported.config.eval_batch_size
     controls = Controls(args.blank_images, args.thoughts)
-    rows = predict_records(exported, args.records, stage, batch_size, args.probe, controls)
     out = Path(args.out or Path(args.records).with_suffix(".eval"))
+    rows = predict_records(exported, args.records, stage, batch_size, args.probe, controls, out / "patches")
     result = write_evaluation(out, rows, stage, args.records)
     print(format_summary(result))
     if any(row["meta"] for row in rows):  # per data set and category, as the data sets' papers report accuracy
@@ -134,7 +146,8 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--blank", action="append", default=[], metavar="NAME", help="also run NAME on blank images")
     parser.add_argument(
         "--controls", action="append", default=[], metavar="NAME",
-        help="also run NAME with its thoughts replaced by noise, zeros and the latent token (pause)",
+        help="also run NAME with its thoughts replaced by noise, zeros and the latent token (pause), and for a "
+        "visual-latent model with random patches",
     )  # fmt: skip
     parser.add_argument("--out", help="folder for compare.json and compare.png; default: the records' folder")
     _common_arguments(parser)

@@ -20,7 +20,8 @@ from config import Config
 from dataset import CoconutDataset, collate
 from distributed import Job, autocast_context, dist_info
 from evaluate import NO_CONTROLS, Controls, batch_pixels, generate_and_score, generate_answers, summarize
-from models import build_model, encoding_for
+from images import Vision, draw_patches, image_file
+from models import build_model, encoding_for, family
 from records import load_records
 from utils import UserError
 
@@ -35,6 +36,11 @@ class Exported:
     config: Config
     stage: int
     job: Job
+
+    @property
+    def vision(self) -> Vision | None:
+        """How the model sees images (its family's `images.Vision`; None for a text model)."""
+        return family(self.model.base.config.model_type).vision(self.model.base.config)
 
     @property
     def mode(self) -> str:
@@ -111,48 +117,82 @@ def answer(
     return generate_and_score(exported.model, prompts, exported.job, batch_size, controls)
 
 
-@torch.no_grad()
 def probe_thoughts(
     exported: Exported, prompts: CoconutDataset, k: int, batch_size: int, controls: Controls = NO_CONTROLS
 ) -> list[list[list[dict]]]:
     """Per prompt, per continuous thought in order: the top-k tokens the thought decodes to through the language
-    model head, as [{"token", "id", "prob"}], most probable first.
+    model head, as [{"token", "id", "prob"}], most probable first (`probe_with_patches`)."""
+    return probe_with_patches(exported, prompts, k, batch_size, controls)[0]
+
+
+@torch.no_grad()
+def probe_with_patches(
+    exported: Exported, prompts: CoconutDataset, k: int, batch_size: int, controls: Controls = NO_CONTROLS
+) -> tuple[list[list[list[dict]]], list[list[list[int]]]]:
+    """Per prompt, per continuous thought in order: the top-k tokens the thought decodes to through the language
+    model head, as [{"token", "id", "prob"}], most probable first; and the image-context tokens whose features the
+    thought's patch positions took (visual_latents: indices into the prompt's image tokens, 0 = its first; empty
+    without visual latents or without an image).
 
     A thought is the input embedding `Coconut.forward` put at a latent position (the last hidden state before
     it), so its decoding is also the model's next-token distribution at the position before the latent.
     """
     head = exported.model.base.get_output_embeddings()
     decode, device = exported.tokenizer.decode, exported.job.device
-    probes = []
+    probes, patches = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc="probe", leave=False):
         items = [prompts[i] for i in range(start, min(start + batch_size, len(prompts)))]
         batch = collate(items, prompts.pad_id, prompts.latent_id)
         input_ids = batch["input_ids"].to(device)
         latent = input_ids == prompts.latent_id
         with exported.job.autocast():
-            embeds = exported.model(
+            out = exported.model(
                 input_ids,
                 batch["attention_mask"].to(device),
                 pixel_values=batch_pixels(batch, device, controls),
                 thoughts=controls.thoughts,
-            ).inputs_embeds
+            )
             # float before the softmax: bf16 probabilities over a large vocabulary round badly
-            top = head(embeds[latent]).float().softmax(-1).topk(k)
+            top = head(out.inputs_embeds[latent]).float().softmax(-1).topk(k)
+        chosen = (
+            [[i for i in picks if i >= 0] for picks in out.patches[latent].tolist()]
+            if out.patches is not None
+            else None
+        )
         thoughts = [
             [{"token": decode([i]), "id": i, "prob": p} for i, p in zip(ids, probs)]
             for ids, probs in zip(top.indices.tolist(), top.values.tolist())
         ]
-        for count in latent.sum(1).tolist():  # `embeds[latent]` lists the thoughts row by row
+        chosen = chosen or [[] for _ in thoughts]
+        for count in latent.sum(1).tolist():  # `inputs_embeds[latent]` lists the thoughts row by row
             probes.append(thoughts[:count])
-            thoughts = thoughts[count:]
-    return probes
+            patches.append(chosen[:count])
+            thoughts, chosen = thoughts[count:], chosen[count:]
+    return probes, patches
+
+
+def draw_chosen_patches(prompts: CoconutDataset, index: int, picks: list[list[int]], folder: Path) -> list[str]:
+    """Write, for prompt `index`, one PNG per image into `folder` with the patches each thought chose (`picks`, as
+    `probe_with_patches` gives them) outlined (`images.draw_patches`); returns the files' paths."""
+    tokens, vision, per_tile = prompts.tokens[index], prompts.encoding.vision, prompts.encoding.vision.tokens_per_tile
+    folder.mkdir(parents=True, exist_ok=True)
+    written, first = [], 0
+    for k, (path, n_tiles) in enumerate(zip(tokens.images, tokens.n_tiles)):
+        mine = [[i - first for i in thought if first <= i < first + n_tiles * per_tile] for thought in picks]
+        first += n_tiles * per_tile
+        with image_file(path, str(path)) as image:
+            drawn = draw_patches(image, mine, vision, prompts.config.max_num_tiles)
+        name = folder / (f"{index}.png" if len(tokens.images) == 1 else f"{index}-image{k + 1}.png")
+        drawn.save(name)
+        written.append(str(name))
+    return written
 
 
 def ask(
     exported: Exported, image: str | None, question: str, stage: int, probe: int, controls: Controls = NO_CONTROLS
-) -> tuple[dict, list[list[dict]]]:
-    """Answer one question (about one image, or text only); returns its `evaluate.generate_answers` row and the
-    thoughts' probes (empty without `probe`)."""
+) -> tuple[dict, list[list[dict]], list[list[int]]]:
+    """Answer one question (about one image, or text only); returns its `evaluate.generate_answers` row, the
+    thoughts' probes and the patches each thought chose (`probe_with_patches`; both empty without `probe`)."""
     if image is not None and not Path(image).is_file():
         raise UserError(f"--image {image}: file not found")
     # a question has no written steps to count thoughts by: pad_latents gives it the stage's full number
@@ -160,19 +200,34 @@ def ask(
     prompts = prompts_of(exported, [record], "--question", stage, pad_latents=True)
     _warm_up(exported, prompts, controls)
     row = generate_answers(exported.model, prompts, exported.job, 1, controls)[0]
-    thoughts = probe_thoughts(exported, prompts, probe, 1, controls)[0] if probe else []
-    return row, thoughts
+    if not probe:
+        return row, [], []
+    thoughts, patches = probe_with_patches(exported, prompts, probe, 1, controls)
+    return row, thoughts[0], patches[0]
 
 
 def predict_records(
-    exported: Exported, records: str, stage: int, batch_size: int, probe: int, controls: Controls = NO_CONTROLS
+    exported: Exported,
+    records: str,
+    stage: int,
+    batch_size: int,
+    probe: int,
+    controls: Controls = NO_CONTROLS,
+    patch_folder: Path | None = None,
 ) -> list[dict]:
-    """Answer rows for every record of a file; with `probe`, each row also holds its thoughts' top tokens."""
+    """Answer rows for every record of a file; with `probe`, each row also holds its thoughts' top tokens, and for a
+    visual-latent model the patches each thought chose ("patches") and the PNGs that show them, written into
+    `patch_folder` ("patch_images", `draw_chosen_patches`)."""
     prompts = open_prompts(exported, records, stage)
     rows = answer(exported, prompts, batch_size, controls)
     if probe:
-        for row, thoughts in zip(rows, probe_thoughts(exported, prompts, probe, batch_size, controls)):
+        probes, patches = probe_with_patches(exported, prompts, probe, batch_size, controls)
+        for index, (row, thoughts, picks) in enumerate(zip(rows, probes, patches)):
             row["thoughts"] = thoughts
+            if exported.model.visual_latents:
+                row["patches"] = picks
+                if patch_folder is not None:
+                    row["patch_images"] = draw_chosen_patches(prompts, index, picks, patch_folder)
     return rows
 
 
@@ -191,7 +246,9 @@ def compare(
         exported = load_exported(folder, device)
         prompts = open_prompts(exported, records, exported.stage)
         size = batch_size or exported.config.eval_batch_size
-        runs = [(name, NO_CONTROLS)] + [(f"{name} ({c.label})", c) for c in controls.get(name, [])]
+        # random patches replace what only a visual-latent model has
+        kept = [c for c in controls.get(name, []) if c.thoughts != "random_patches" or exported.model.visual_latents]
+        runs = [(name, NO_CONTROLS)] + [(f"{name} ({c.label})", c) for c in kept]
         for method, control in runs:
             result = summarize(answer(exported, prompts, size, control))
             rows.append(

@@ -8,11 +8,26 @@ recomputation and top-K. Rows differ in tile counts, padding side and thought la
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 from conftest import build_batch, make_coconut, plain_hidden, reference_visual_logits, shifted_loss
+from PIL import Image
 
+import demo_data
+import infer
+import inference
+from checkpoint import export_pretrained
 from coconut import VISUAL_TOKEN, positions_from_mask
+from config import Config
+from dataset import CoconutDataset, collate, longest_sequence
+from images import Vision, draw_patches, patch_box
+from models import build_model, encoding_for, load_base
+from models.internvl import IMAGE_BLOCK
+from utils import UserError
 
 VISUAL_LAYOUTS = {
     "right_pad": ([(2, 5, 3, 4), (1, 5, 3, 6)], [False, False]),
@@ -159,3 +174,108 @@ def test_a_misplaced_visual_token_is_refused(visual_base):
     ids, mask, pixels, _ = build_batch(base, tokenizer, [(1, 3, 2, 4)], [False], visual=1)
     with pytest.raises(ValueError, match="followed by exactly 2"):
         model(ids, mask, pixel_values=pixels)
+
+
+def visual_config(**keys) -> Config:
+    return Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2, "visual_latents": 2} | keys))
+
+
+def test_sequences_reserve_the_patch_positions_and_step_loss_reads_the_thoughts(visual_base, data_dir):
+    base, tokenizer, _ = visual_base
+    config = visual_config(thought_loss_weight=1.0)
+    data = CoconutDataset.from_file(str(data_dir / "train.jsonl"), encoding_for(base, tokenizer, config), True)
+    data.set_stage(2)
+    latent, patch = tokenizer.convert_tokens_to_ids(["<|latent|>", VISUAL_TOKEN])
+    item = data[0]
+    text = tokenizer.decode(item["input_ids"])
+    assert "<|start-latent|>" + "<|latent|><|latent-image|><|latent-image|>" * 4 + "<|end-latent|>" in text
+    labelled = [t for t, label in zip(item["input_ids"], item["labels"]) if label != -100]
+    assert latent not in labelled and patch not in labelled
+    lengths = []
+    for stage in range(3):
+        data.set_stage(stage)
+        lengths.append(len(data[0]["input_ids"]))
+    assert longest_sequence(data.tokens[0], config) == max(lengths)
+    assert lengths[2] - lengths[1] == 2 * 3 - len(data.tokens[0].steps[1])  # 2 more latents, each with 2 patches
+    data.set_stage(2)
+    batch = collate([data[i] for i in range(3)], data.pad_id, data.latent_id)
+    prompts = data.prompts()
+    assert prompts[0]["input_ids"] == item["input_ids"][: len(prompts[0]["input_ids"])]
+    model = make_coconut(base, tokenizer, visual_latents=2)
+    out = model(**batch)
+    thoughts = out.inputs_embeds[batch["input_ids"] == latent]
+    assert len(thoughts) == 3 * 4
+    per_row = (batch["input_ids"] == latent).sum(1).tolist()
+    expected = model.step_loss(thoughts, per_row, batch["step_ids"], 2)
+    torch.testing.assert_close(out.thought_loss, expected, rtol=0, atol=0)
+
+
+def test_a_text_model_refuses_visual_latents():
+    with pytest.raises(UserError, match="visual_latents 2 looks at the image again, but tiny-gpt2 is a text model"):
+        build_model(visual_config(model_id="tiny-gpt2"))
+
+
+def test_patch_box_maps_tokens_to_tiles_cells_and_the_thumbnail():
+    vision = Vision(64, 16, *IMAGE_BLOCK)  # 4 x 4 cells per tile
+    # a 2 x 1 grid of tiles (128 x 64) plus its thumbnail: token 16 + 5 is tile 1, cell row 1, col 1
+    assert patch_box(16 + 5, 128, 64, vision, 2) == (80.0, 16.0, 96.0, 32.0)
+    assert patch_box(2 * 16 + 5, 128, 64, vision, 2) == (32.0, 16.0, 64.0, 32.0)  # the thumbnail's coarser cell
+    drawn = np.asarray(draw_patches(Image.new("RGB", (128, 64)), [[3], [16 + 5]], vision, 2))
+    assert drawn[0:16, 48:64].any() and drawn[16:32, 80:96].any()  # the chosen cells' outlines
+    assert not drawn[40:64, 0:40].any()  # a cell nobody chose stays as it was
+
+
+@pytest.fixture(scope="module")
+def exported_visual(tmp_path_factory):
+    """A random tiny visual-latent model (K = 2, stage 2) exported as run.py exports, and six demo records."""
+    root = tmp_path_factory.mktemp("visual")
+    demo_data.generate(str(root / "data"), sizes={"test": 6})
+    torch.manual_seed(0)
+    base, tokenizer = load_base("tiny", visual=True)
+    config = visual_config(c_thought=1, max_new_tokens=4, max_num_tiles=1, eval_batch_size=3)
+    model = make_coconut(base, tokenizer, visual_latents=2)
+    export_pretrained(model, tokenizer, root / "visual", {"config": dataclasses.asdict(config), "stage": 2})
+    return root
+
+
+def test_infer_probe_reports_and_draws_the_chosen_patches(exported_visual, capsys):
+    records, out = exported_visual / "data" / "test.jsonl", exported_visual / "eval"
+    infer.main([str(exported_visual / "visual"), "--records", str(records), "--probe", "2", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["passes"] == 2 + 1 + evaluation["gen_tokens"]  # a pass per thought, one for the last patches
+    exported = inference.load_exported(str(exported_visual / "visual"), torch.device("cpu"))
+    assert exported.model.visual_latents == 2
+    prompts = inference.open_prompts(exported, str(records), 2)
+    for index, row in enumerate(rows):
+        assert len(row["patches"]) == 2 and all(len(p) == 2 for p in row["patches"])
+        (png,) = row["patch_images"]
+        with Image.open(png) as image:
+            drawn = np.asarray(image.convert("RGB")).astype(int)
+        with Image.open(prompts.tokens[index].images[0]) as image:
+            size = image.size
+            plain = np.asarray(draw_patches(image, [], prompts.encoding.vision, 1)).astype(int)
+        changed = np.abs(drawn - plain).sum(-1) > 0
+        boxes = [patch_box(i, *size, prompts.encoding.vision, 1) for p in row["patches"] for i in p]
+        inside = np.zeros_like(changed)
+        for left, top, right, bottom in boxes:
+            inside[int(top) : int(bottom) + 1, int(left) : int(right) + 1] = True
+        assert changed.any() and not (changed & ~inside).any(), index  # drawn only on the chosen cells
+
+    infer.main([str(exported_visual / "visual"), "--question", "start 2,1; 3 moves", "--probe", "2",
+                "--image", str(prompts.tokens[0].images[0])])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[-4:]] == ["thought 1", "thought 1 looked at", "thought 2",
+                                                         "thought 2 looked at"]  # fmt: skip
+    assert lines[-1].count("tile 0 cell") == 2
+
+
+def test_random_patches_need_a_visual_latent_model(exported_visual, tmp_path):
+    records = exported_visual / "data" / "test.jsonl"
+    folder = tmp_path / "plain"
+    torch.manual_seed(0)
+    base, tokenizer = load_base("tiny")
+    config = dataclasses.asdict(visual_config(visual_latents=0, max_new_tokens=2))
+    export_pretrained(make_coconut(base, tokenizer), tokenizer, folder, {"config": config, "stage": 1})
+    with pytest.raises(UserError, match="random_patches needs a model trained with visual_latents"):
+        infer.main.__wrapped__([str(folder), "--records", str(records), "--thoughts", "random_patches"])
