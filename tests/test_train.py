@@ -7,10 +7,12 @@ import json
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_coconut, metrics, run, weights
+from conftest import make_coconut, metrics, read_jsonl, run, weights
+from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, InternVLForConditionalGeneration
 
@@ -19,7 +21,7 @@ import infer
 import report
 import trainer
 from checkpoint import export_pretrained
-from coconut import LATENT_TOKENS
+from coconut import LATENT_TOKENS, VISUAL_TOKEN
 from config import Config, load_config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate
@@ -198,15 +200,85 @@ def test_two_process_run_matches_single_process(tmp_path, data_dir, text_data_di
     data = text_data_dir if any(arg.startswith("model_id=") for arg in common) else data_dir
     run(["name=single", *common], tmp_path, data)
     run(["name=multi", mode, "batch_size_training=4", *common], tmp_path, data, nproc=2)
-    single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
-    for a, b in zip(single, multi):
+    assert_same_training(tmp_path / "single", tmp_path / "multi")
+
+
+def assert_same_training(single: Path, multi: Path) -> None:
+    """Two runs of one setting, in one process and in several, trained alike: every epoch's losses within 2%, and
+    final weights closer together than the last epoch moved the one-process model."""
+    assert len(metrics(multi)) == len(metrics(single))
+    for a, b in zip(metrics(single), metrics(multi)):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=2e-2)
     # per-rank mean losses vs one global mean differ slightly, and Adam amplifies tiny gradients: compare the
     # whole model's relative distance with how far the last epoch moved it
-    distance = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "multi" / "final"))
-    moved = relative_distance(weights(tmp_path / "single" / "final"), weights(tmp_path / "single" / "stage_0"))
-    assert distance < 0.25 * moved
+    final, before_last = weights(single / "final"), weights(sorted(single.glob("stage_*"))[-2])
+    assert relative_distance(final, weights(multi / "final")) < 0.25 * relative_distance(final, before_last)
+
+
+# visual latents (two patch positions after each of the stage's 2 x c_thought thoughts) with a projected feedback,
+# whose projection no thought uses at stage 0, where DDP still needs its gradient
+VISUAL = ["visual_latents=2", "thought_feedback=projected", "lr=3e-3", "keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def visual_run(data_dir, tmp_path_factory) -> Path:
+    """The folder that holds run.py's `single` run: the tiny InternVL with `VISUAL`, stages 0..2 in one process."""
+    root = tmp_path_factory.mktemp("visual")
+    run(["name=single", *VISUAL], root, data_dir)
+    return root
+
+
+def test_visual_latents_train_export_and_answer(visual_run, data_dir):
+    """The run's export records visual_latents and loads as InternVL with the patch token; infer.py answers with it
+    on the patches its thoughts choose and on random ones, in a pass per thought, one for the last thought's
+    patches and one per generated token."""
+    out = visual_run / "single"
+    assert [m["stage"] for m in metrics(out)] == [0, 1, 2]
+    assert metrics(out)[-1]["train_loss"] < metrics(out)[0]["train_loss"]
+    saved = json.loads((out / "final" / "coconut.json").read_text())
+    assert saved["stage"] == 2 and saved["config"]["visual_latents"] == 2
+    model = InternVLForConditionalGeneration.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert tokenizer.convert_tokens_to_ids(VISUAL_TOKEN) == len(tokenizer) - 1
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+    records, chosen = data_dir / "val.jsonl", {}
+    for control in ("model", "random_patches"):
+        answers = visual_run / control
+        infer.main([str(out / "final"), "--records", str(records), "--thoughts", control, "--probe", "1",
+                    "--out", str(answers)])  # fmt: skip
+        rows = read_jsonl(answers / "predictions.jsonl")
+        assert len(rows) == 8 and json.loads((answers / "eval.json").read_text())["n"] == 8
+        for row in rows:
+            assert len(row["thoughts"]) == 4  # stage 2 x c_thought 2
+            assert row["passes"] == len(row["thoughts"]) + 1 + row["gen_tokens"]
+            assert all(len(patches) == 2 for patches in row["patches"])
+        chosen[control] = [row["patches"] for row in rows]
+    assert chosen["random_patches"] != chosen["model"]
+
+
+def test_a_visual_latent_run_resumes_to_the_same_weights(visual_run, data_dir):
+    """The last epoch again from the checkpoint before it ends on the uninterrupted run's weights and metrics."""
+    shutil.copytree(
+        visual_run / "single", visual_run / "resumed", ignore=shutil.ignore_patterns("checkpoint_2.pt", "final")
+    )
+    resumed = run(["name=resumed", "resume=auto", *VISUAL], visual_run, data_dir)
+    assert "resumed from" in resumed.stdout and "checkpoint_1.pt" in resumed.stdout
+    for name in ("model.safetensors", "thought_projection.safetensors"):
+        straight, again = (load_file(visual_run / run_name / "final" / name) for run_name in ("single", "resumed"))
+        assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight), name
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "samples_per_s"} for m in ms]  # noqa: E731
+    assert strip(metrics(visual_run / "resumed")) == strip(metrics(visual_run / "single"))
+
+
+@pytest.mark.parametrize("mode", ["use_fsdp=true", "use_ddp=true"])
+def test_visual_latents_two_processes_match_one(visual_run, data_dir, mode):
+    """FSDP2 (the last attention layer's query read while its weights are gathered) and DDP on 2 ranks train as the
+    one process does."""
+    name = mode.split("_")[1].split("=")[0]
+    run([f"name={name}", mode, "batch_size_training=4", *VISUAL], visual_run, data_dir, nproc=2)
+    assert_same_training(visual_run / "single", visual_run / name)
 
 
 def test_each_family_names_the_layers_fsdp_shards():
