@@ -17,6 +17,7 @@ import torch
 from conftest import build_batch, make_coconut, plain_hidden, reference_visual_logits, shifted_loss
 from PIL import Image
 
+import coconut
 import demo_data
 import infer
 import inference
@@ -111,6 +112,31 @@ def test_one_pass_per_thought_and_one_for_the_last_patches(visual_base):
         model(ids[:1], mask[:1], pixel_values=pixels[:1])
     handle.remove()
     assert len(calls) == 1 + 3 + 1 == 1 + model.thought_passes(3)
+
+
+def test_passes_split_to_match_another_ranks_count_change_nothing(visual_base, monkeypatch):
+    """A rank whose batch needs fewer passes than another rank's splits its longest passes further
+    (`Coconut._segments`); with enough of them, passes start inside a thought's patches and hold no thought, and a
+    thought's source is no longer the pass before its own: the same logits, patches and weights."""
+    base, tokenizer, _ = visual_base
+    model = make_coconut(base, tokenizer, visual_latents=2)
+    ids, mask, pixels, _ = build_batch(base, tokenizer, *VISUAL_LAYOUTS["right_pad"], visual=2)
+    calls = []
+    handle = model.decoder.register_forward_hook(lambda m, args, out: calls.append(1))
+    with torch.no_grad():
+        alone = model(ids, mask, pixel_values=pixels)
+        own = len(calls)
+        # a 2-rank job whose other rank runs 32 passes more (the collective's MAX, answered here): every pass of
+        # this 54-column batch then spans 1 or 2 columns
+        monkeypatch.setattr(coconut, "is_distributed", lambda: True)
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda passes, op: passes.add_(32))
+        split = model(ids, mask, pixel_values=pixels)
+    handle.remove()
+    assert len(calls) - own == own + 32
+    real = mask.bool()
+    torch.testing.assert_close(split.logits[real], alone.logits[real], rtol=1e-9, atol=1e-9)
+    assert torch.equal(split.patches, alone.patches) and (alone.patches >= 0).any()
+    torch.testing.assert_close(split.patch_weights, alone.patch_weights, rtol=1e-6, atol=1e-9)
 
 
 def test_generate_left_padded_batch_matches_each_row_alone(visual_base):
