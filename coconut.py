@@ -11,6 +11,9 @@ With `latent_iterations: T` > 0 the thoughts are computed instead by Jacobi iter
 number of thoughts (one over the columns before the batch's first thought, then T + 1 over the rest: the first with
 the `<|latent|>` embeddings, each later one feeding every thought from the one before), with the sequential loop's
 values and gradients in every row of at most T thoughts.
+With `visual_latents: K` > 0 (a vision model) the K positions after every thought carry the image features that its
+position attends to most (after IVT-LR, arXiv 2510.12603; `Coconut._prefill_visual`), in one pass per thought and one
+more for the last thought's patches. The two are not combined.
 
 What the passes cost beyond one plain pass is kept to the passes themselves (see bench/bench.py): the KV cache
 is written once into buffers of the final length (`WriteOnceLayer`) instead of copied on every pass and kept
@@ -101,7 +104,8 @@ class Coconut(nn.Module):
     becomes the next thought's input embedding (`feed_back`). `latent_iterations` > 0 computes the thoughts by that
     many rounds of feedback over all of them at once (`_iterate`) instead of one pass per thought. `visual_latents`
     K > 0 (a vision model only) makes the K `visual_token_id` positions after every thought carry the image features
-    it attends to most (`_prefill_visual`).
+    it attends to most (`_prefill_visual`). The two are not combined: the iterated block has no pass of a thought's
+    own in which to choose its patches.
     """
 
     def __init__(
@@ -121,6 +125,8 @@ class Coconut(nn.Module):
             raise ValueError(f"latent_iterations must be an integer of at least 0, got {latent_iterations!r}")
         if visual_latents and (thought_feedback == "none" or not hasattr(base.config, "vision_config")):
             raise ValueError("visual_latents needs a vision-language model and thoughts fed back (not 'none')")
+        if visual_latents and latent_iterations:
+            raise ValueError("latent_iterations and visual_latents cannot be combined; set one of them to 0")
         self.visual_latents, self.visual_token_id = visual_latents, visual_token_id
         self.base = base
         self.latent_token_id = latent_token_id
@@ -311,25 +317,28 @@ class Coconut(nn.Module):
         position_ids: torch.Tensor,
         cache_length: int,
         thoughts: str = "model",
-    ) -> tuple[torch.Tensor, torch.Tensor, Cache]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Cache, tuple[torch.Tensor, torch.Tensor] | None]:
         """Run the decoder over the whole sequence, filling each latent from the hidden state before it.
 
         `thoughts` other than "model" replaces every thought by a control (`THOUGHT_CONTROLS`): Gaussian noise of
         the thought's norm, zeros, or the `<|latent|>` embedding itself ("pause", which is what the `none`
         feedback trains with: the latents are then ordinary tokens and one pass covers the sequence).
-        With `latent_iterations`, `_iterate` computes the thoughts instead (a batch without any, on every rank,
-        takes the one pass here).
-        Returns the final hidden states (B x T x D), the input embeddings actually used, and the KV cache, which
-        has room for `cache_length` columns.
+        With `visual_latents`, `_prefill_visual` computes the thoughts and their patches instead; with
+        `latent_iterations`, `_iterate` computes the thoughts (a batch without any, on every rank, takes the one
+        pass here).
+        Returns the final hidden states (B x T x D), the input embeddings actually used, the KV cache, which has
+        room for `cache_length` columns, and with visual latents the patches chosen (`_prefill_visual`), else None.
         """
         embeds = self.embed(input_ids, pixel_values)
         latent_mask = input_ids == self.latent_token_id
-        paused = not self.fills_thoughts(thoughts)
         cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
+        if self.visual_latents:
+            return self._prefill_visual(input_ids, embeds, latent_mask, attention_mask, position_ids, cache, thoughts)
+        paused = not self.fills_thoughts(thoughts)
         start = self._block_start(latent_mask) if self.latent_iterations and not paused else None
         if start is not None:
             hidden, embeds = self._iterate(embeds, latent_mask, attention_mask, position_ids, cache, start, thoughts)
-            return hidden, embeds, cache
+            return hidden, embeds, cache, None
         feed_back = None if paused else self.feed_back()
         hidden_parts, embed_parts = [], []
         for start, end in self._segments(torch.zeros_like(latent_mask) if paused else latent_mask):
@@ -341,34 +350,25 @@ class Coconut(nn.Module):
                 part = torch.cat([first.unsqueeze(1), part[:, 1:]], dim=1)
             hidden_parts.append(self._pass(part, start, attention_mask, position_ids, cache))
             embed_parts.append(part)
+        return self._joined(hidden_parts), torch.cat(embed_parts, dim=1), cache, None
+
+    def _joined(self, hidden_parts: list[torch.Tensor]) -> torch.Tensor:
+        """The passes' final hidden states, side by side. One pass means no rank's batch holds a thought (`_segments`
+        evens the passes): DDP still expects a gradient for the projection's parameters, so a multi-rank job then
+        adds the projection times zero."""
         hidden = torch.cat(hidden_parts, dim=1)
         if self.projection is not None and len(hidden_parts) == 1 and is_distributed():
-            # no thought in this batch: DDP still expects a gradient for the projection's parameters
             hidden = hidden + 0.0 * self.projection(hidden[:, :1]).sum()
-        return hidden, torch.cat(embed_parts, dim=1), cache
-
-    def _fill(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cache_length: int,
-        thoughts: str,
-    ) -> tuple[torch.Tensor, torch.Tensor, Cache, tuple[torch.Tensor, torch.Tensor] | None]:
-        """`_prefill`, or `_prefill_visual` for a model with visual latents; the last item is the patches chosen
-        (None without visual latents)."""
-        if self.visual_latents:
-            return self._prefill_visual(input_ids, attention_mask, pixel_values, position_ids, cache_length, thoughts)
-        return *self._prefill(input_ids, attention_mask, pixel_values, position_ids, cache_length, thoughts), None
+        return hidden
 
     def _prefill_visual(
         self,
         input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        latent: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None,
         position_ids: torch.Tensor,
-        cache_length: int,
+        cache: Cache,
         thoughts: str,
     ) -> tuple[torch.Tensor, torch.Tensor, Cache, tuple[torch.Tensor, torch.Tensor]]:
         """`_prefill` with visual latents (after IVT-LR, arXiv 2510.12603): the K positions after every thought take
@@ -381,12 +381,12 @@ class Coconut(nn.Module):
         state of the thought before it (not of its patches). Each thought still costs one pass; the last thought's
         patches add one. `thoughts` replaces the thoughts as in `_prefill` ("pause": the `<|latent|>` embedding, still
         one pass per thought) or, "random_patches", the choice: seeded random image positions (the same batch gives
-        the same positions). Returns `_prefill`'s triple and (patches, weights): B x T x K image-token indices of
-        the row (0 = its first image token) and attention weights at each latent column, -1 and 0 elsewhere.
+        the same positions). `embeds` are the sequence's input embeddings, `latent` its latent mask, and `cache`
+        the empty cache to fill. Returns `_prefill`'s four items, the last (patches, weights): B x T x K image-token
+        indices of the row (0 = its first image token) and attention weights at each latent column, -1 and 0
+        elsewhere.
         """
         k, (batch, width) = self.visual_latents, input_ids.shape
-        embeds = self.embed(input_ids, pixel_values)
-        latent = input_ids == self.latent_token_id
         visual = _visual_mask(input_ids, latent, self.visual_token_id, k)
         image = input_ids == self.base.config.image_token_id
         image_index = image.long().cumsum(1) - 1
@@ -400,7 +400,6 @@ class Coconut(nn.Module):
         feed_back = self.feed_back()
         generator = torch.Generator().manual_seed(0) if thoughts == "random_patches" else None
         attention = self.decoder.layers[-1].self_attn
-        cache = Cache(layers=[WriteOnceLayer(cache_length) for _ in range(self.decoder.config.num_hidden_layers)])
         patch_column = torch.full_like(input_ids, -1)  # at a patch position: the image column it copies
         chosen = torch.full((batch, width, k), -1, dtype=torch.long, device=input_ids.device)
         weights = torch.zeros(batch, width, k, device=input_ids.device)
@@ -422,16 +421,9 @@ class Coconut(nn.Module):
                     features = embeds[rows[:, None], copied.clamp(min=0)]
                     part = torch.where((copied >= 0)[..., None], features, part)
                 capture.offsets = offset
-                out = self.decoder(
-                    inputs_embeds=part,
-                    attention_mask=attention_mask[:, :end],
-                    position_ids=position_ids[:, start:end],
-                    use_cache=True,
-                    **{self.cache_arg: cache},
-                )
-                hidden_parts.append(out.last_hidden_state)
+                hidden_parts.append(self._pass(part, start, attention_mask, position_ids, cache))
                 embed_parts.append(part)
-                lasts.append(out.last_hidden_state[:, -1])
+                lasts.append(hidden_parts[-1][:, -1])
                 with torch.no_grad():
                     if generator is None:
                         allowed = attention_mask[:, :end].bool() & (columns[:end] <= column[:, None])
@@ -445,11 +437,7 @@ class Coconut(nn.Module):
                     found = picked >= 0
                     chosen[rows, column] = torch.where(found, image_index.gather(1, picked.clamp(min=0)), -1)
                     weights[rows, column] = torch.where(found, picked_weights.float(), 0.0)
-        hidden = torch.cat(hidden_parts, dim=1)
-        if self.projection is not None and len(hidden_parts) == 1 and is_distributed():
-            # no thought in this batch: DDP still expects a gradient for the projection's parameters
-            hidden = hidden + 0.0 * self.projection(hidden[:, :1]).sum()
-        return hidden, torch.cat(embed_parts, dim=1), cache, (chosen, weights)
+        return self._joined(hidden_parts), torch.cat(embed_parts, dim=1), cache, (chosen, weights)
 
     def forward(
         self,
@@ -475,7 +463,7 @@ class Coconut(nn.Module):
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden, embeds, _, patches = self._fill(
+        hidden, embeds, _, patches = self._prefill(
             input_ids, attention_mask, pixel_values, position_ids, input_ids.shape[1], thoughts
         )
         head = self.base.get_output_embeddings()
@@ -551,7 +539,7 @@ class Coconut(nn.Module):
         input_ids, attention_mask = left_padded(input_ids, attention_mask)
         position_ids = positions_from_mask(attention_mask)
         width = input_ids.shape[1] + max_new_tokens
-        hidden, _, cache, _ = self._fill(input_ids, attention_mask, pixel_values, position_ids, width, thoughts)
+        hidden, _, cache, _ = self._prefill(input_ids, attention_mask, pixel_values, position_ids, width, thoughts)
         head, embedding = self.base.get_output_embeddings(), self.base.get_input_embeddings()
         next_pos = position_ids[:, -1:] + 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -351,7 +351,7 @@ def _check_values(config: Config, where: str, last_stage: bool = True) -> None:
 
 def _check_latent_iterations(config: Config, where: str) -> None:
     """latent_iterations iterates thoughts fed back from hidden states: only a coconut run without `none` feedback
-    has them."""
+    has them, and not with visual_latents, whose patches each need a pass of their thought's own."""
     if not config.latent_iterations:
         return
     if not config.coconut:
@@ -361,6 +361,11 @@ def _check_latent_iterations(config: Config, where: str) -> None:
         fix = "set latent_iterations: 0 or another thought_feedback"
         raise UserError(
             f"{where}: latent_iterations iterates thoughts fed back, which thought_feedback: none has not; {fix}"
+        )
+    if config.visual_latents:
+        raise UserError(
+            f"{where}: latent_iterations and visual_latents cannot be combined (the iterated thoughts have no pass of "
+            "their own to choose patches in); set one of them to 0"
         )
 
 

@@ -97,6 +97,7 @@ def test_stage_overrides_apply_from_their_stage_on(tmp_path):
         ("cot: true\nvisual_latents: 2\n", [], "visual_latents looks at the image again .* set coconut: true"),
         ("coconut: true\nthought_feedback: none\n", ["visual_latents=2"], "thought_feedback other than none"),
         ("coconut: true\n", ["visual_latents=-1"], "visual_latents must be at least 0, got -1"),
+        ("coconut: true\nvisual_latents: 2\n", ["latent_iterations=3"], "cannot be combined .*; set one of them to 0"),
     ],
 )  # fmt: skip
 def test_bad_configs_stop_with_one_line(tmp_path, monkeypatch, text, overrides, message):

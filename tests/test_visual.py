@@ -202,6 +202,12 @@ def test_a_misplaced_visual_token_is_refused(visual_base):
         model(ids, mask, pixel_values=pixels)
 
 
+def test_visual_latents_refuse_latent_iterations(visual_base):
+    base, tokenizer, _ = visual_base
+    with pytest.raises(ValueError, match="latent_iterations and visual_latents cannot be combined; set one of them"):
+        make_coconut(base, tokenizer, latent_iterations=2, visual_latents=2)
+
+
 def visual_config(**keys) -> Config:
     return Config(**({"coconut": True, "c_thought": 2, "max_latent_stage": 2, "visual_latents": 2} | keys))
 
