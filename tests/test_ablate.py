@@ -217,3 +217,18 @@ def test_the_iteration_rows_differ_in_latent_iterations_alone(name, baselines):
     assert sorted(c.latent_iterations for c in configs.values()) == [0, 1, 2, 3]
     for config in configs.values():
         assert dataclasses.replace(config, latent_iterations=0) == coconut
+
+
+@pytest.mark.parametrize(
+    "name, baselines", [("visual.yaml", "baselines.yaml"), ("visual_hard.yaml", "baselines_hard.yaml")]
+)
+def test_the_visual_rows_differ_in_patches_and_thoughts_per_step_alone(name, baselines):
+    """Each row of a visual-latents spec is its baselines spec's coconut row with visual_latents K in 0, 1, 4 and
+    c_thought 1 or 2: the same budget; c2_k0 is that very config."""
+    spec = ablate.read_spec(ROOT / "args" / name)
+    configs = {variant: ablate.variant_config(spec, variant) for variant in spec["variants"]}
+    coconut = ablate.variant_config(ablate.read_spec(ROOT / "args" / baselines), "coconut")
+    assert configs["c2_k0"] == coconut and spec["seeds"] == ablate.read_spec(ROOT / "args" / baselines)["seeds"]
+    assert {(c.c_thought, c.visual_latents) for c in configs.values()} == {(c, k) for c in (1, 2) for k in (0, 1, 4)}
+    for config in configs.values():
+        assert dataclasses.replace(config, visual_latents=0, c_thought=2) == coconut
