@@ -24,9 +24,7 @@ never builds the B x T x V logits.
 from __future__ import annotations
 
 import inspect
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +33,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from config import THOUGHT_FEEDBACK
 from distributed import is_distributed
+from patches import capture_query, thought_attention, top_patches, visual_mask
 
 # the markers that open and close the continuous thoughts, and the token each thought takes the place of
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
-
-# the token at each of the visual_latents positions after a thought, which carry the image features it chose
-VISUAL_TOKEN = "<|latent-image|>"
 
 # what inference puts at the latent positions: the model's thoughts or a control that carries nothing; with visual
 # latents also "random_patches": the model's thoughts, but seeded random image positions instead of the chosen ones
@@ -373,7 +369,7 @@ class Coconut(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, Cache, tuple[torch.Tensor, torch.Tensor]]:
         """`_prefill` with visual latents (after IVT-LR, arXiv 2510.12603): the K positions after every thought take
         the image features (as `embed` gives them to the language model) at the K image-context positions of the
-        row that the thought's position attends to most at the decoder's last layer (`_thought_attention`), in
+        row that the thought's position attends to most at the decoder's last layer (`thought_attention`), in
         image order. A row without image positions keeps the visual token's own embedding there.
 
         A thought's patches need its own pass, so the passes split before each row's first thought and after every
@@ -387,7 +383,7 @@ class Coconut(nn.Module):
         elsewhere.
         """
         k, (batch, width) = self.visual_latents, input_ids.shape
-        visual = _visual_mask(input_ids, latent, self.visual_token_id, k)
+        visual = visual_mask(input_ids, latent, self.visual_token_id, k)
         image = input_ids == self.base.config.image_token_id
         image_index = image.long().cumsum(1) - 1
         columns = torch.arange(width, device=input_ids.device)
@@ -405,7 +401,7 @@ class Coconut(nn.Module):
         weights = torch.zeros(batch, width, k, device=input_ids.device)
         rows = torch.arange(batch, device=input_ids.device)
         hidden_parts, embed_parts, lasts = [], [], []
-        with _capture_query(attention) as capture:
+        with capture_query(attention) as capture:
             for start, end in segments:
                 part, here = embeds[:, start:end], latent[:, start:end]
                 has, offset = here.any(1), here.long().argmax(1)  # at most one thought per row in a pass
@@ -427,10 +423,10 @@ class Coconut(nn.Module):
                 with torch.no_grad():
                     if generator is None:
                         allowed = attention_mask[:, :end].bool() & (columns[:end] <= column[:, None])
-                        scores = _thought_attention(capture.query, cache.layers[-1].keys, allowed, attention.scaling)
+                        scores = thought_attention(capture.query, cache.layers[-1].keys, allowed, attention.scaling)
                     else:
                         scores = torch.rand(batch, end, generator=generator).to(input_ids.device)
-                    picked, picked_weights = _top_patches(scores, image[:, :end], k)
+                    picked, picked_weights = top_patches(scores, image[:, :end], k)
                     picked = torch.where(has[:, None], picked, -1)
                     into = (column[:, None] + 1 + torch.arange(k, device=input_ids.device)).clamp(max=width - 1)
                     patch_column.scatter_(1, into, torch.where(has[:, None], picked, patch_column.gather(1, into)))
@@ -609,71 +605,6 @@ def _forked(cache: Cache) -> Cache:
         fork.keys, fork.values = layer.keys, layer.values
         layers.append(fork)
     return Cache(layers=layers)
-
-
-def _visual_mask(input_ids: torch.Tensor, latent: torch.Tensor, visual_token_id: int, k: int) -> torch.Tensor:
-    """The patch positions (B x T): the `visual_token_id` tokens, checked to be exactly the k columns after every
-    latent."""
-    visual = input_ids == visual_token_id
-    expected = torch.zeros_like(latent)
-    for shift in range(1, k + 1):
-        expected[:, shift:] |= latent[:, :-shift]
-    if not torch.equal(visual, expected):
-        raise ValueError(f"every <|latent|> must be followed by exactly {k} {VISUAL_TOKEN} tokens, and only there")
-    return visual
-
-
-class _LastQuery:
-    """A forward hook on the decoder's last attention layer that keeps, of each pass, the query at one column per
-    row (`offsets`, set before the pass) as that layer computes it: its input (already normed), q projection, q
-    norm where the family has one, rotary embedding. Run inside the layer's call, it finds the layer's weights
-    whole even where FSDP2 shards them between calls."""
-
-    def __init__(self) -> None:
-        self.offsets: torch.Tensor | None = None
-        self.query: torch.Tensor | None = None  # B x H x 1 x head_dim
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        with torch.no_grad():
-            states = kwargs["hidden_states"]
-            rows = torch.arange(states.shape[0], device=states.device)
-            query = module.q_proj(states[rows, self.offsets]).view(len(rows), -1, 1, module.head_dim)
-            if hasattr(module, "q_norm"):
-                query = module.q_norm(query)
-            cos, sin = (table[rows, self.offsets][:, None] for table in kwargs["position_embeddings"])
-            self.query, _ = sys.modules[type(module).__module__].apply_rotary_pos_emb(query, query, cos, sin)
-
-
-@contextmanager
-def _capture_query(attention: nn.Module) -> Iterator[_LastQuery]:
-    """`_LastQuery` hooked on `attention` for the duration of the block."""
-    capture = _LastQuery()
-    handle = attention.register_forward_hook(capture, with_kwargs=True)
-    try:
-        yield capture
-    finally:
-        handle.remove()
-
-
-def _thought_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The softmax attention weights of one query per row (B x H x 1 x d, after RoPE) over the cached keys
-    (B x KVH x T' x d, after RoPE, T' >= T; each KV head serves H / KVH query heads, as grouped-query attention
-    shares them), over the key columns the query may see (`allowed`, B x T), averaged over the heads: B x T."""
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    keys = keys[:, :, : allowed.shape[1]].repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-    scores = (query.to(dtype) @ keys.to(dtype).transpose(-1, -2)).squeeze(2) * scaling
-    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
-
-
-def _top_patches(scores: torch.Tensor, image: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k image columns (`image`, B x T) of highest score per row, ties to the lower column, in column order,
-    and their scores; -1 where a row has fewer than k image columns."""
-    scores = F.pad(scores.masked_fill(~image, float("-inf")), (0, max(0, k - scores.shape[1])), value=float("-inf"))
-    best = scores.sort(dim=-1, descending=True, stable=True)
-    picked, values = best.indices[:, :k], best.values[:, :k]
-    order = picked.argsort(-1)
-    picked, values = picked.gather(1, order), values.gather(1, order)
-    return torch.where(values > float("-inf"), picked, -1), values
 
 
 class WriteOnceLayer(DynamicLayer):

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from coconut import LATENT_TOKENS, VISUAL_TOKEN
+from coconut import LATENT_TOKENS
 from config import Config
 from curriculum import has_markers, latent_width, stage_plan
 from images import TileCache, Vision, image_file, image_paths, num_tiles, tile_image, tiles_to_tensor, to_rgb
+from patches import VISUAL_TOKEN
 from records import load_records, record_name
 from scoring import ANSWER_MARK
 from utils import UserError

@@ -24,10 +24,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 import checkpoint
-from coconut import LATENT_TOKENS, VISUAL_TOKEN, Coconut
+from coconut import LATENT_TOKENS, Coconut
 from config import Config
 from dataset import Encoding
 from models import causal_lm, internvl
+from patches import VISUAL_TOKEN
 from utils import UserError, read_checkpoint_config
 
 VISION_FAMILIES = (internvl,)  # each claims the config.json model types in its MODEL_TYPES

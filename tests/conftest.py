@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 import demo_data
 import prepare_data
-from coconut import LATENT_TOKENS, VISUAL_TOKEN, Coconut, decoder_of, positions_from_mask
+from coconut import LATENT_TOKENS, Coconut, decoder_of, positions_from_mask
 from models import load_base
 from models.internvl import image_seq_length
+from patches import VISUAL_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,13 +21,14 @@ import infer
 import report
 import trainer
 from checkpoint import export_pretrained
-from coconut import LATENT_TOKENS, VISUAL_TOKEN
+from coconut import LATENT_TOKENS
 from config import Config, load_config
 from curriculum import Schedule
 from dataset import CoconutDataset, collate
 from distributed import DistInfo, Job
 from evaluate import shard
 from models import encoding_for, load_base, sharded_layers
+from patches import VISUAL_TOKEN
 from utils import UserError
 
 

@@ -22,12 +22,13 @@ import demo_data
 import infer
 import inference
 from checkpoint import export_pretrained
-from coconut import VISUAL_TOKEN, positions_from_mask
+from coconut import positions_from_mask
 from config import Config
 from dataset import CoconutDataset, collate, longest_sequence
 from images import Vision, draw_patches, patch_box
 from models import build_model, encoding_for, load_base
 from models.internvl import IMAGE_BLOCK
+from patches import VISUAL_TOKEN
 from utils import UserError
 
 VISUAL_LAYOUTS = {
