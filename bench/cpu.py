@@ -3,8 +3,9 @@
 For each model at n = 0, 2, 4, 8 latents (batch 16, question 48 + n latents + up to 32 answer tokens, right-padded
 as training batches are): Coconut forward+backward against the base model's own forward+backward (with labels) on
 the same ids, their peak memory, and Coconut's samples/s; batched greedy `Coconut.generate` against the base
-model's `transformers` `generate` on prompts of the same length; the data loader's records/s against the training
-step's samples/s. `run_cpu` runs them all and prints a table after each.
+model's `transformers` `generate` on prompts of the same length; the ways of computing the thoughts against one
+another (methods.py); the data loader's records/s against the training step's samples/s. `run_cpu` runs them all
+and prints a table after each.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from dataset import Encoding
 from images import Vision
 from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
 from measure import Column, median_times, peak_bytes, print_table, sync_for
+from methods import METHOD_COLUMNS, bench_methods
 from models import load_base
 from models.internvl import IMAGE_BLOCK, fuse_rms_norms, tile_size
+from patches import VISUAL_TOKEN
 
 LATENTS = (0, 2, 4, 8)
 # Qwen2-shaped text models: (hidden, layers, heads, kv heads, intermediate); vocabulary TEXT_VOCAB
@@ -109,8 +112,10 @@ class Case:
         ids: tuple[int, int, int, int],
         vocab_text: int,
         image_markers: tuple[int, int] | None = None,
+        visual: int = -1,
     ) -> None:
         self.name, self.base, self.ids, self.vocab_text, self.image_markers = name, base, ids, vocab_text, image_markers
+        self.visual = visual  # the visual-latent token's id (image models)
         self.coconut = Coconut(base, latent_token_id=ids[2], eos_token_id=-1)  # never stops early
         self.image = image_markers is not None
 
@@ -135,10 +140,11 @@ def cpu_cases() -> list[Case]:
     for name, shape in TEXT_MODELS.items():
         v = TEXT_VOCAB
         cases.append(Case(name, text_model(*shape, vocab=v), (v - 4, v - 3, v - 2, v - 1), v - 4))
-    base, tokenizer = load_base("tiny")
-    start, end, latent = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    base, tokenizer = load_base("tiny", visual=True)
+    start, end, latent, visual = tokenizer.convert_tokens_to_ids([*LATENT_TOKENS, VISUAL_TOKEN])
     markers = tuple(tokenizer.convert_tokens_to_ids(["<img>", "</img>"]))
-    cases.append(Case("image-tiny", base.train(), (start, end, latent, tokenizer.pad_token_id), 256, markers))
+    ids = (start, end, latent, tokenizer.pad_token_id)
+    cases.append(Case("image-tiny", base.train(), ids, 256, markers, visual))
     return cases
 
 
@@ -262,15 +268,15 @@ def bench_data(
 
 
 def run_cpu(args: argparse.Namespace) -> dict:
-    """Every CPU benchmark, a table printed after each model's training steps, after generation and after the
-    data loader; `args.quick` shrinks them to a smoke run (the first text model and the tiny InternVL, small
-    batches, one repeat). Returns the rows of each table."""
+    """Every CPU benchmark, a table printed after each model's training steps, after generation, after the thought
+    methods and after the data loader; `args.quick` shrinks them to a smoke run (the first text model and the tiny
+    InternVL, small batches, one repeat). Returns the rows of each table."""
     quick = dict(warmup=1, repeats=1) if args.quick else dict(warmup=args.warmup, repeats=args.repeats)
     latents = (0, 2) if args.quick else LATENTS
     cases = cpu_cases()
     if args.quick:
         cases = [cases[0], cases[-1]]
-    result = {"train": [], "generate": [], "data": []}
+    result = {"train": [], "generate": [], "methods": [], "data": []}
     for case in cases:
         result["train"] += bench_train(case, latents=latents, batch=4 if args.quick else 16, **quick)
         print_table(result["train"][-len(latents) :], TRAIN_COLUMNS)
@@ -284,6 +290,11 @@ def run_cpu(args: argparse.Namespace) -> dict:
             repeats=1 if args.quick else 3,
         )
     print_table(result["generate"], GENERATE_COLUMNS)
+    for case in cases:  # the thought methods at the demo's stage 3: 6 latents, 6 answer tokens
+        start, end, latent, pad = case.ids
+        data = case.batch(4 if args.quick else 16, 48, 6, 32)
+        result["methods"] += bench_methods(case.name, case.base, data, (latent, end, pad, case.visual), 6, **quick)
+    print_table(result["methods"], METHOD_COLUMNS)
     _, tokenizer = load_base("tiny")
     result["data"] = bench_data(cases[-1], tokenizer, records=32 if args.quick else 256, **quick)
     print_table(result["data"], DATA_COLUMNS)

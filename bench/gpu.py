@@ -2,9 +2,10 @@
 
 Samples/s, peak memory, model FLOPs utilisation and the kernels' own time and count (is the GPU or the host the
 bound?) of a CoT training step and of a Coconut stage-3 step (c_thought 2: 6 latents replace 3 of the 6 steps),
-generation throughput, and the data loader on 448-px tiles. `run_gpu` runs them in that order and prints a table
-after each; with `--tiny` the same code runs on a model of the same structure shrunk to run on a CPU in seconds
-(in float32 there), to check the code path rather than to measure.
+the ways of computing the thoughts against one another (methods.py), generation throughput, and the data loader on
+448-px tiles. `run_gpu` runs them in that order and prints a table after each; with `--tiny` the same code runs on
+a model of the same structure shrunk to run on a CPU in seconds (in float32 there), to check the code path rather
+than to measure.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from config import Config
 from dataset import Encoding, to_device
 from inputs import DATA_COLUMNS, data_row, image_block, loader_rate, pad_right, write_records
 from measure import Column, kernel_profile, median_times, peak_bytes, print_table, sync_for
+from methods import METHOD_COLUMNS, bench_methods
 from models import load_base, pick_attn_implementation
 from models.internvl import checkpoint_activations, fuse_rms_norms, image_seq_length, tile_size
 from models.internvl import vision as vision_of
 
 # dense bf16 tensor-core peak of the cards MFU is reported for (FLOP/s), matched against the device name
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+PAD = 151643  # InternVL3's <|endoftext|>, the pad id of the benchmark's batches
 COT_STEP = "cot (Coconut, no latents)"  # the step the others are compared with ("vs CoT")
 
 GPU_TRAIN_COLUMNS: list[Column] = [
@@ -138,7 +141,7 @@ def gpu_batches(
     """A CoT batch (one image tile, question, `steps` steps, answer; steps and answer labelled) and the stage-3
     Coconut batch of the same records (the first 3 steps replaced by start + 6 latents + end), the answers of
     different lengths so that rows are padded. Ids: InternVL3's text ids, three spare ids for the latent tokens."""
-    vocab, (start, end, latent), pad = 151643, (151671, 151672, 151673), 151643
+    vocab, (start, end, latent), pad = 151643, (151671, 151672, 151673), PAD
     gen = torch.Generator().manual_seed(0)
 
     def tokens(n: int) -> list[int]:
@@ -276,8 +279,9 @@ def bench_gpu_data(config: InternVLConfig, records: int, batch: int, step_rate: 
 
 
 def run_gpu(args: argparse.Namespace) -> dict:
-    """CoT and Coconut stage-3 training steps, generation and the data loader at InternVL3-1B shapes (`args.tiny`:
-    the tiny model, batch 2, one repeat), a table printed after each. Returns the device, the model, the rows."""
+    """CoT and Coconut stage-3 training steps, the thought methods, generation and the data loader at InternVL3-1B
+    shapes (`args.tiny`: the tiny model, batch 2, one repeat), a table printed after each. Returns the device, the
+    model, the rows."""
     device = torch.device(args.device or "cuda")
     # bf16 as trained on a GPU; on a CPU (the --tiny check of the code path) float32, because a CPU without bf16
     # units (AVX2-only x86) emulates bf16 matmuls many times slower
@@ -300,6 +304,10 @@ def run_gpu(args: argparse.Namespace) -> dict:
     train_rows = bench_gpu_train(coconut, cot_dev, coconut_dev, warmup, repeats, peak)
     print_table(train_rows, GPU_TRAIN_COLUMNS)
 
+    # the thought methods on the stage-3 records (a spare id of InternVL3's vocabulary as the visual-latent token)
+    method_rows = bench_methods("internvl3-1b", model, coconut_batch, (latent, end, PAD, 151670), 6, warmup, repeats)
+    print_table(method_rows, METHOD_COLUMNS)
+
     model.eval()
     new_tokens = 8 if tiny else args.new_tokens
     gen_rows = [bench_gpu_generate(coconut, coconut_batch, end, 2 if tiny else 32, new_tokens, repeats, dtype)]
@@ -316,6 +324,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
         "build_seconds": built,
         "peak_tflops": peak / 1e12 if peak else None,
         "train": train_rows,
+        "methods": method_rows,
         "generate": gen_rows,
         "data": data_rows,
     }

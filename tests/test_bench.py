@@ -91,3 +91,34 @@ def test_gpu_code_path_runs_on_a_tiny_model(results):
     assert positive(generate["coconut_tokens_per_s"]) and positive(generate["ratio"])
     (data,) = gpu["data"]
     assert positive(data["loader_over_step"])
+
+
+# passes per answer at 6 thoughts and 6 generated tokens: one per thought, T + 1 for Jacobi's block, one more for
+# the last visual thought's patches (Coconut.thought_passes)
+METHOD_PASSES = {
+    "sequential": 12,
+    "jacobi T=1": 8,
+    "jacobi T=2": 9,
+    "jacobi T=3": 10,
+    "visual K=1": 13,
+    "visual K=4": 13,
+}
+
+
+@pytest.mark.parametrize(
+    "mode, models",
+    [("cpu", {"text-h64x2": False, "image-tiny": True}), ("gpu", {"internvl3-1b": True})],
+)
+def test_thought_methods_rows(results, mode, models):
+    rows = results[mode]["methods"]
+    expected = {
+        (model, method)
+        for model, vision in models.items()
+        for method in METHOD_PASSES
+        if vision or "visual" not in method
+    }
+    assert {(r["model"], r["method"]) for r in rows} == expected
+    for row in rows:
+        assert row["latents"] == 6 and row["passes"] == METHOD_PASSES[row["method"]], row
+        assert all(positive(row[k]) for k in ("train_ms", "train_vs_sequential", "answer_ms")), row
+        assert row["method"] != "sequential" or row["train_vs_sequential"] == row["answer_vs_sequential"] == 1
