@@ -204,16 +204,23 @@ def test_runs_side_by_side_find_their_demo_set_written(tmp_path):
     assert (folder / "test.jsonl").is_file()
 
 
+def same_runs(spec: dict, variant: str, other: dict, other_variant: str) -> bool:
+    """Whether `variant`'s runs folder is a link that resolves to `other_variant`'s in the other spec."""
+    folder = ROOT / spec["save_path"] / variant
+    return folder.is_symlink() and folder.resolve() == (ROOT / other["save_path"] / other_variant).resolve()
+
+
 @pytest.mark.parametrize(
     "name, baselines", [("iterations.yaml", "baselines.yaml"), ("iterations_hard.yaml", "baselines_hard.yaml")]
 )
 def test_the_iteration_rows_differ_in_latent_iterations_alone(name, baselines):
     """Each row of an iterations spec is its baselines spec's coconut row with one latent_iterations: the same budget,
-    and the sequential row is that very config (so the two specs' runs of it are interchangeable)."""
+    and the sequential row is that very config, its runs folder a link to the baselines' coconut runs (trained once)."""
     spec = ablate.read_spec(ROOT / "args" / name)
     configs = {variant: ablate.variant_config(spec, variant) for variant in spec["variants"]}
     coconut = ablate.variant_config(ablate.read_spec(ROOT / "args" / baselines), "coconut")
     assert configs["sequential"] == coconut and spec["seeds"] == ablate.read_spec(ROOT / "args" / baselines)["seeds"]
+    assert same_runs(spec, "sequential", ablate.read_spec(ROOT / "args" / baselines), "coconut")
     assert sorted(c.latent_iterations for c in configs.values()) == [0, 1, 2, 3]
     for config in configs.values():
         assert dataclasses.replace(config, latent_iterations=0) == coconut
@@ -224,11 +231,12 @@ def test_the_iteration_rows_differ_in_latent_iterations_alone(name, baselines):
 )
 def test_the_visual_rows_differ_in_patches_and_thoughts_per_step_alone(name, baselines):
     """Each row of a visual-latents spec is its baselines spec's coconut row with visual_latents K in 0, 1, 4 and
-    c_thought 1 or 2: the same budget; c2_k0 is that very config."""
+    c_thought 1 or 2: the same budget; c2_k0 is that very config, its runs folder a link to the coconut runs."""
     spec = ablate.read_spec(ROOT / "args" / name)
     configs = {variant: ablate.variant_config(spec, variant) for variant in spec["variants"]}
     coconut = ablate.variant_config(ablate.read_spec(ROOT / "args" / baselines), "coconut")
     assert configs["c2_k0"] == coconut and spec["seeds"] == ablate.read_spec(ROOT / "args" / baselines)["seeds"]
+    assert same_runs(spec, "c2_k0", ablate.read_spec(ROOT / "args" / baselines), "coconut")
     assert {(c.c_thought, c.visual_latents) for c in configs.values()} == {(c, k) for c in (1, 2) for k in (0, 1, 4)}
     for config in configs.values():
         assert dataclasses.replace(config, visual_latents=0, c_thought=2) == coconut
