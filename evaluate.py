@@ -171,10 +171,14 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def write_evaluation(folder: Path, rows: list[dict], stage: int, records: str) -> dict:
-    """Write an evaluation of `records` at `stage` to `folder`: eval.json (`summarize` plus accuracy per data set
-    and category) and predictions.jsonl (the rows); return what eval.json holds."""
-    result = summarize(rows) | {"stage": stage, "records": records, "groups": accuracy_report(rows)}
+def write_evaluation(
+    folder: Path, rows: list[dict], stage: int, records: str, controls: Controls = NO_CONTROLS
+) -> dict:
+    """Write an evaluation of `records` at `stage` under `controls` to `folder`: eval.json (`summarize`, the
+    stage, records and controls, and accuracy per data set and category) and predictions.jsonl (the rows); return
+    what eval.json holds."""
+    result = summarize(rows) | {"stage": stage, "records": records}
+    result |= {"thoughts": controls.thoughts, "blank_images": controls.blank_images, "groups": accuracy_report(rows)}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").write_text(json.dumps(result, indent=2))
     (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

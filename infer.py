@@ -130,7 +130,7 @@ def answer_main(argv: list[str]) -> None:
     controls = Controls(args.blank_images, args.thoughts)
     out = Path(args.out or Path(args.records).with_suffix(".eval"))
     rows = predict_records(exported, args.records, stage, batch_size, args.probe, controls, out / "patches")
-    result = write_evaluation(out, rows, stage, args.records)
+    result = write_evaluation(out, rows, stage, args.records, controls)
     print(format_summary(result))
     if any(row["meta"] for row in rows):  # per data set and category, as the data sets' papers report accuracy
         print(format_report(result["groups"]))

@@ -221,19 +221,37 @@ def plot_ablation(results: dict[str, dict], out: Path) -> Path:
     return _save(plt, fig, out)
 
 
-def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[str, dict]:
+def test_folder(run: Path, thoughts: str = "model") -> Path:
+    """Where `ablate.py` writes a run's test evaluation: `<run>/test/` with the model's own thoughts, and
+    `<run>/test-<control>/` with them replaced by a control (`infer.py --thoughts <control>`)."""
+    return run / ("test" if thoughts == "model" else f"test-{thoughts}")
+
+
+def test_results(
+    folder: Path, variants: list[str], seeds: list[int], controls: dict[str, list[str]] | None = None
+) -> dict[str, dict]:
     """Per variant, over its seeds whose run finished and was evaluated on the test set (`ablate.py` writes
     `<folder>/<variant>/seed<k>/test/eval.json`): test accuracy, sequential decoder passes (thoughts and generated
-    tokens) and generated tokens per answer, the last epoch's validation accuracy, the minutes of training, and the
-    machine and commit each run trained on."""
+    tokens) and generated tokens per answer, the last epoch's validation accuracy, the minutes of training, the
+    machine and commit each run trained on, and under "controls" the test accuracy of each control of `controls`
+    (control -> the variants it is run on) that lists the variant, over the runs evaluated with it."""
     results = {}
     for variant in variants:
-        runs = [run for run in finished_runs(folder, variant, seeds) if (run / "test" / "eval.json").exists()]
+        runs = [run for run in finished_runs(folder, variant, seeds) if (test_folder(run) / "eval.json").exists()]
         if not runs:
             continue
-        tests = [json.loads((run / "test" / "eval.json").read_text()) for run in runs]
+        tests = [json.loads((test_folder(run) / "eval.json").read_text()) for run in runs]
         statuses = [_status(run) for run in runs]
+        applied = [control for control, listed in (controls or {}).items() if variant in listed]
         results[variant] = {
+            "controls": {
+                control: [
+                    json.loads((test_folder(run, control) / "eval.json").read_text())["accuracy"]
+                    for run in runs
+                    if (test_folder(run, control) / "eval.json").exists()
+                ]
+                for control in applied
+            },
             "test_accuracy": [t["accuracy"] for t in tests],
             "passes": [t["passes"] for t in tests],
             "gen_tokens": [t["gen_tokens"] for t in tests],
@@ -247,11 +265,14 @@ def test_results(folder: Path, variants: list[str], seeds: list[int]) -> dict[st
 
 def results_table(results: dict[str, dict], steps: dict[str, int]) -> str:
     """`test_results` as a Markdown table: a row per variant, each value's mean ± sd (min-max) over the seeds, and
-    the optimizer steps of a run of the variant (`steps`)."""
+    the optimizer steps of a run of the variant (`steps`); after the test accuracy, a column per control that any
+    variant was tested with ("-" for a variant without it)."""
+    controls = list(dict.fromkeys(control for r in results.values() for control in r["controls"]))
     header = [
         "variant",
         "seeds",
         "test accuracy",
+        *(f"test accuracy, {control}" for control in controls),
         "val accuracy",
         "passes",
         "generated tokens",
@@ -263,6 +284,7 @@ def results_table(results: dict[str, dict], steps: dict[str, int]) -> str:
             name,
             len(r["minutes"]),
             _spread(r["test_accuracy"], 3),
+            *(_spread(r["controls"][c], 3) if r["controls"].get(c) else "-" for c in controls),
             _spread(r["val_accuracy"], 3),
             _spread(r["passes"], 1),
             _spread(r["gen_tokens"], 1),

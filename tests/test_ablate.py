@@ -76,6 +76,16 @@ def test_a_bad_spec_stops_with_one_line(tmp_path):
     path.write_text("config: args/demo.yaml\nseeds: [0]\nvariants: {a: {stage_overrides: {1: 0.5}}}\n")
     stages = run_ablate(path)
     assert stages.returncode == 2 and "a: stage_overrides must map stage numbers to mappings" in stages.stderr
+    path.write_text(
+        "config: args/demo.yaml\nseeds: [0]\ntest_path: t.jsonl\nvariants: {a: {}}\ncontrols: {noise: [b]}\n"
+    )
+    control = run_ablate(path)
+    assert control.returncode == 2 and "controls: noise: no variant 'b'" in control.stderr
+    path.write_text(
+        "config: args/demo.yaml\nseeds: [0]\ntest_path: t.jsonl\nvariants: {a: {}}\ncontrols: {model: [a]}\n"
+    )
+    control = run_ablate(path)
+    assert control.returncode == 2 and "controls must map one of noise, zeros" in control.stderr
 
 
 def test_a_variant_changes_the_shared_stage_overrides_key_by_key():
@@ -96,12 +106,13 @@ def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
         "test_path": f"{data_dir}/val.jsonl",
         "overrides": overrides,
         "variants": {"cot": {"coconut": False, "cot": True, "train_stage": 0}, "coconut": {}},
+        "controls": {"noise": ["coconut"]},
     }
     path = tmp_path / "baselines.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     first = run_ablate(path, "--jobs", "2")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.count("ablation: ") == 4 and first.stdout.count("test: ") == 4
+    assert first.stdout.count("ablation: ") == 4 and first.stdout.count("test: ") == 6  # and coconut's 2 controls
     for variant in spec["variants"]:
         for seed in spec["seeds"]:
             run = tmp_path / "runs" / variant / f"seed{seed}"
@@ -114,6 +125,8 @@ def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
     }
     assert tests["cot"]["passes"] == tests["cot"]["gen_tokens"]  # a pass per generated token
     assert tests["coconut"]["passes"] == tests["coconut"]["gen_tokens"] + 2  # and one per thought (c_thought 2)
+    noise = json.loads((tmp_path / "runs" / "coconut" / "seed0" / "test-noise" / "eval.json").read_text())
+    assert noise["thoughts"] == "noise" and not (tmp_path / "runs" / "cot" / "seed0" / "test-noise").exists()
     again = run_ablate(path)  # all trained and tested: nothing runs again
     assert again.returncode == 0, again.stderr[-2000:]
     assert "ablation: " not in again.stdout and "test: " not in again.stdout
@@ -121,12 +134,14 @@ def test_runs_side_by_side_are_tested_once_and_tabulated(tmp_path, data_dir):
     assert "- seeds: 0, 1" in results and "1 thread per run (4 runs)" in results and "- commit: " in results
     table = results.split("\n\n")[-1].splitlines()
     header = (
-        "| variant | seeds | test accuracy | val accuracy | passes | generated tokens | optimizer steps | minutes |"
+        "| variant | seeds | test accuracy | test accuracy, noise | val accuracy | passes | generated tokens "
+        "| optimizer steps | minutes |"
     )
     assert table[0] == header
     # 32 training records in batches of 8: 4 optimizer steps an epoch, 2 epochs
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| cot", "2"], ["| coconut", "2"]]
-    assert all(row.count(" ± ") == 5 and " | 8 | " in row for row in table[2:])
+    assert all(" | 8 | " in row for row in table[2:])
+    assert table[2].count(" ± ") == 5 and " | - | " in table[2] and table[3].count(" ± ") == 6  # noise: coconut only
     assert "trains stage 0 throughout" in results and (tmp_path / "runs" / "results.png").stat().st_size > 0
 
 

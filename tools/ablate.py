@@ -5,14 +5,16 @@
     python tools/ablate.py args/baselines.yaml --jobs 2     # two runs side by side, each one core and one thread
     python tools/ablate.py args/baselines.yaml --seeds 10   # just this seed (the tables: every finished run)
 
-The spec names the run config, the seeds, the folder, overrides shared by every run, the variants (each a
-mapping of overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key) and, with
-test_path, the records each finished run's final/ export answers, as `python infer.py <run>/final --records` does.
+The spec names the run config, the seeds, the folder, overrides shared by every run, the variants (each a mapping of
+overrides, in run.py's keys; a variant's stage_overrides change the shared ones key by key), with test_path the
+records each finished run's final/ export answers, as `python infer.py <run>/final --records` does, and with
+controls (a control of `infer.py --thoughts` -> the variants it tests) the same again under each control.
 Each (variant, seed) trains as its own `python run.py` process in `<save_path>/<variant>/seed<k>` with
-`resume=auto`, then writes its test evaluation to `<run>/test/`: an interrupted ablation continues where it stopped,
-and a finished run is neither trained nor evaluated again. After every run, `<save_path>/ablation.md` and
-`ablation.png` show each stage's validation accuracy and, with test_path, `results.md` and `results.png` each
-variant's test results over the seeds (with the machine, commit, seeds and each variant's schedule).
+`resume=auto`, then writes its test evaluations to `<run>/test/` (and `<run>/test-<control>/`): an interrupted
+ablation continues where it stopped, and a finished run is neither trained nor evaluated again. After every run,
+`<save_path>/ablation.md` and `ablation.png` show each stage's validation accuracy and, with test_path, `results.md`
+and `results.png` each variant's test results over the seeds (with the machine, commit, seeds and each variant's
+schedule).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from curriculum import Schedule
 from records import load_records
 from utils import UserError, atomic_write_text, entry_point
 
-SPEC_KEYS = {"config", "seeds", "save_path", "overrides", "variants", "test_path"}
+SPEC_KEYS = {"config", "seeds", "save_path", "overrides", "variants", "test_path", "controls"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,8 @@ def read_spec(path: Path) -> dict:
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec, dict) or set(spec) - SPEC_KEYS or not {"config", "seeds", "variants"} <= set(spec):
         raise UserError(
-            f"{path}: an ablation spec has the keys config, seeds, variants (and save_path, overrides, test_path)"
+            f"{path}: an ablation spec has the keys config, seeds, variants "
+            "(and save_path, overrides, test_path, controls)"
         )
     if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):
         raise UserError(f"{path}: seeds must be a list of integers")
@@ -63,6 +66,7 @@ def read_spec(path: Path) -> dict:
             raise UserError(f"{path}: {name}: stage_overrides must map stage numbers to mappings of keys")
     if not isinstance(spec.get("test_path", ""), str):
         raise UserError(f"{path}: test_path must be the path of a records file")
+    _check_controls(path, spec)
     return {"save_path": "checkpoints/ablation", "overrides": {}} | spec
 
 
@@ -109,6 +113,22 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")
+
+
+def _check_controls(path: Path, spec: dict) -> None:
+    """A spec's controls map a control of `infer.py --thoughts` to the variants whose runs it tests, and need a
+    test_path."""
+    from coconut import THOUGHT_CONTROLS  # only here: the rest of the tool needs no torch
+
+    controls = spec.get("controls", {})
+    if controls and "test_path" not in spec:
+        raise UserError(f"{path}: controls are tested on test_path; give one")
+    for control, variants in controls.items() if isinstance(controls, dict) else [(None, None)]:
+        if control not in THOUGHT_CONTROLS[1:] or not isinstance(variants, list):
+            raise UserError(f"{path}: controls must map one of {', '.join(THOUGHT_CONTROLS[1:])} to a list of variants")
+        unknown = set(variants) - set(spec["variants"])
+        if unknown:
+            raise UserError(f"{path}: controls: {control}: no variant {sorted(unknown)[0]!r} in variants")
 
 
 def launch(command: list[str], core: int | None, log: Path) -> bool:
@@ -158,16 +178,17 @@ def _default_threads() -> int:
     return torch.get_num_threads()
 
 
-def evaluate(folder: Path, records: str, core: int | None) -> None:
-    """Answer `records` with the run's final/ export, as `infer.py <run>/final --records` does, into
-    `<run>/test/` (eval.json, predictions.jsonl); a run that has it is not evaluated again."""
-    out = folder / "test"
+def evaluate(folder: Path, records: str, core: int | None, thoughts: str = "model") -> None:
+    """Answer `records` with the run's final/ export, as `infer.py <run>/final --records --thoughts` does, into
+    `report.test_folder` (eval.json, predictions.jsonl); a run that has it is not evaluated again."""
+    out = report.test_folder(folder, thoughts)
     if out.exists():
         return
-    partial = folder / "test.partial"  # renamed to test/ when complete, so an interruption leaves no half result
+    partial = out.with_name(out.name + ".partial")  # renamed when complete: an interruption leaves no half result
     shutil.rmtree(partial, ignore_errors=True)
     command = [sys.executable, str(ROOT / "infer.py"), str(folder / "final"), "--records", records]
-    print(f"test: {folder}", flush=True)
+    command += ["--thoughts", thoughts]
+    print(f"test: {folder}" + (f" ({thoughts} thoughts)" if thoughts != "model" else ""), flush=True)
     if not launch([*command, "--out", str(partial)], core, folder / "ablation.log"):
         raise UserError(f"ablation: testing {folder} stopped (see above or its ablation.log); fix it and run again")
     partial.rename(out)
@@ -193,6 +214,9 @@ def run_all(spec: dict, runs: list[tuple[str, int]], jobs: int, written: Callabl
             folder = train(spec, variant, seed, core)
             if "test_path" in spec:
                 evaluate(folder, spec["test_path"], core)
+                for control, variants in spec.get("controls", {}).items():
+                    if variant in variants:
+                        evaluate(folder, spec["test_path"], core, control)
         finally:
             free.put(core)
 
@@ -223,7 +247,7 @@ def write_tables(spec: dict, spec_path: Path) -> list[Path]:
         return []
     atomic_write_text(out / "ablation.md", report.ablation_table(stages) + "\n")
     paths = [out / "ablation.md", report.plot_ablation(stages, out / "ablation.png")]
-    results = report.test_results(out, variants, seeds) if "test_path" in spec else {}
+    results = report.test_results(out, variants, seeds, spec.get("controls")) if "test_path" in spec else {}
     if results:
         atomic_write_text(out / "results.md", results_text(spec, spec_path, results) + "\n")
         paths += [out / "results.md", report.plot_results(results, out / "results.png")]
