@@ -120,12 +120,12 @@ def _check_controls(path: Path, spec: dict) -> None:
     test_path."""
     from coconut import THOUGHT_CONTROLS  # only here: the rest of the tool needs no torch
 
-    controls = spec.get("controls", {})
+    controls, replacements = spec.get("controls", {}), [c for c in THOUGHT_CONTROLS if c != "model"]
     if controls and "test_path" not in spec:
         raise UserError(f"{path}: controls are tested on test_path; give one")
     for control, variants in controls.items() if isinstance(controls, dict) else [(None, None)]:
-        if control not in THOUGHT_CONTROLS[1:] or not isinstance(variants, list):
-            raise UserError(f"{path}: controls must map one of {', '.join(THOUGHT_CONTROLS[1:])} to a list of variants")
+        if control not in replacements or not isinstance(variants, list):
+            raise UserError(f"{path}: controls must map one of {', '.join(replacements)} to a list of variants")
         unknown = set(variants) - set(spec["variants"])
         if unknown:
             raise UserError(f"{path}: controls: {control}: no variant {sorted(unknown)[0]!r} in variants")
