@@ -69,6 +69,23 @@ def make_example(rng: random.Random, hops: int) -> tuple[list[list[str]], dict]:
     return grid, {"question": question, "steps": steps, "answer": cell_name(r, c)}
 
 
+def step_cells(record: dict) -> list[tuple[int, int]]:
+    """Per step of a grid record ("i lime l"), the index (row by row) of the cell it reads and of the cell it leads
+    to; a record that is not the grid set's stops with one line."""
+    cells = []
+    for step in record["steps"]:
+        parts = step.split()
+        if len(parts) != 3 or parts[1] not in COLOURS or not {parts[0], parts[2]} <= set(NODES):
+            raise UserError(f"record {record.get('id')}: step {step!r} is not a grid step like 'i lime l'")
+        cells.append((NODES.index(parts[0]), NODES.index(parts[2])))
+    return cells
+
+
+def cell_at(x: float, y: float, width: int, height: int) -> int:
+    """The index (row by row) of the grid cell at pixel (x, y) of a width x height grid image."""
+    return min(int(y * GRID / height), GRID - 1) * GRID + min(int(x * GRID / width), GRID - 1)
+
+
 def make_graph_example(rng: random.Random, hops: int) -> dict:
     """One random graph question and its record of `hops` edges followed (without id and image)."""
     table = [rng.choice([m for m in NODES if m != n]) for n in NODES]  # table[k]: where node k's edge leads

@@ -179,7 +179,7 @@ def _status(run: Path) -> dict:
     return json.loads((run / "ablation.json").read_text())
 
 
-def _spread(values: list[float], digits: int) -> str:
+def spread(values: list[float], digits: int) -> str:
     """mean ± standard deviation (and min-max when there is more than one value)."""
     mean = statistics.mean(values)
     if len(values) == 1:
@@ -197,9 +197,9 @@ def ablation_table(results: dict[str, dict]) -> str:
         [
             name,
             len(r["minutes"]),
-            *[_spread(r["stages"][s], 3) if s in r["stages"] else "-" for s in stages],
+            *[spread(r["stages"][s], 3) if s in r["stages"] else "-" for s in stages],
             f"{statistics.mean(r['gen_tokens']):.1f}",
-            _spread(r["minutes"], 1),
+            spread(r["minutes"], 1),
         ]
         for name, r in results.items()
     ]
@@ -283,13 +283,13 @@ def results_table(results: dict[str, dict], steps: dict[str, int]) -> str:
         [
             name,
             len(r["minutes"]),
-            _spread(r["test_accuracy"], 3),
-            *(_spread(r["controls"][c], 3) if r["controls"].get(c) else "-" for c in controls),
-            _spread(r["val_accuracy"], 3),
-            _spread(r["passes"], 1),
-            _spread(r["gen_tokens"], 1),
+            spread(r["test_accuracy"], 3),
+            *(spread(r["controls"][c], 3) if r["controls"].get(c) else "-" for c in controls),
+            spread(r["val_accuracy"], 3),
+            spread(r["passes"], 1),
+            spread(r["gen_tokens"], 1),
             steps[name],
-            _spread(r["minutes"], 1),
+            spread(r["minutes"], 1),
         ]
         for name, r in results.items()
     ]

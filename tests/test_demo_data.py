@@ -74,6 +74,21 @@ def test_grid_steps_restate_their_cell_and_the_answer_is_the_cell_reached(tmp_pa
     assert len({record["answer"] for record in records}) == 16
 
 
+def test_step_cells_are_the_cells_each_step_reads_and_reaches(tmp_path: Path) -> None:
+    demo_data.generate(str(tmp_path), seed=3, sizes={"train": 20})
+    for record in load_records(str(tmp_path / "train.jsonl")):
+        with Image.open(tmp_path / record["image"]) as image:
+            pixels = image.convert("RGB")
+            cells = demo_data.step_cells(record)
+            for step, (reads, _) in zip(record["steps"], cells):
+                x, y = (reads % 4) * 16 + 8, (reads // 4) * 16 + 8  # the read cell's centre in the 64-px image
+                assert pixels.getpixel((x, y)) == demo_data.COLOURS[step.split()[1]]
+                assert demo_data.cell_at(x, y, *image.size) == reads
+        assert [reaches for _, reaches in cells[:-1]] == [reads for reads, _ in cells[1:]]
+    with pytest.raises(UserError, match="step 'a>b' is not a grid step"):
+        demo_data.step_cells({"id": "x", "steps": ["a>b"]})
+
+
 def test_graph_set_needs_three_chained_lookups_and_answers_the_node_reached(tmp_path: Path) -> None:
     demo_data.generate(str(tmp_path), "graph", seed=3, sizes={"train": 200, "val": 4})
     records = load_records(str(tmp_path / "train.jsonl"))

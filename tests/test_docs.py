@@ -224,6 +224,8 @@ def test_license_and_citation():
     assert any("2412.06769" in str(ref) for ref in cff["references"]), "CITATION.cff does not cite the Coconut paper"
 
 
+# the tools that write results/: the runner's tables, the probe's cell counts
+RESULT_WRITERS = ("python tools/ablate.py ", "python tools/patch_cells.py ")
 COPY = re.compile(r"^<!-- copied from (\S+) by `([^`]+)` -->\n(.*?)^<!-- end of copy -->", re.DOTALL | re.MULTILINE)
 
 
@@ -242,7 +244,7 @@ def test_copied_results_are_the_files_the_runs_wrote(doc):
     for path, command, block in COPY.findall(doc.read_text(encoding="utf-8")):
         source = ROOT / path
         assert source.is_file(), f"{doc.name}: copied from {path}, which does not exist"
-        assert command.startswith("python tools/ablate.py "), f"{doc.name}: {command!r} does not write {path}"
+        assert command.startswith(RESULT_WRITERS), f"{doc.name}: {command!r} does not write {path}"
         wrong = copied_lines(block, source.read_text(encoding="utf-8").splitlines())
         assert not wrong, f"{doc.name}: not in {path} (copy it again from the file): {wrong[0]}"
 

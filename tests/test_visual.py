@@ -21,6 +21,7 @@ import coconut
 import demo_data
 import infer
 import inference
+import patch_cells
 from checkpoint import export_pretrained
 from coconut import positions_from_mask
 from config import Config
@@ -312,3 +313,27 @@ def test_random_patches_need_a_visual_latent_model(exported_visual, tmp_path):
     export_pretrained(make_coconut(base, tokenizer), tokenizer, folder, {"config": config, "stage": 1})
     with pytest.raises(UserError, match="random_patches needs a model trained with visual_latents"):
         infer.main.__wrapped__([str(folder), "--records", str(records), "--thoughts", "random_patches"])
+
+
+def test_patch_cells_counts_the_cells_the_probe_chose(exported_visual, tmp_path):
+    """tools/patch_cells.py against infer.py's probe: the tiny model sees one 16-px grid cell per image token."""
+    records = str(exported_visual / "data" / "test.jsonl")
+    run = tmp_path / "runs" / "k2" / "seed0"
+    run.mkdir(parents=True)
+    (run / "final").symlink_to(exported_visual / "visual")
+    patch_cells.main([str(tmp_path / "runs"), "--records", records])
+    infer.main([str(run / "final"), "--records", records, "--probe", "1", "--out", str(tmp_path / "eval")])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    steps = [demo_data.step_cells(record) for record in map(json.loads, open(records))]
+    counted = json.loads((run / "test-probe" / "cells.json").read_text())
+    assert counted["visual_latents"] == 2 and len(counted["thoughts"]) == 2  # c_thought 1, stage 2
+    for thought, result in enumerate(counted["thoughts"]):
+        assert result["n"] == len(rows) == 6 and result["chance"] == pytest.approx(6 * 2 / 16)
+        assert result["reads"] == sum(cells[thought][0] in row["patches"][thought] for row, cells in zip(rows, steps))
+        assert result["leads_to"] == sum(
+            cells[thought][1] in row["patches"][thought] for row, cells in zip(rows, steps)
+        )
+    table = (tmp_path / "runs" / "patch_cells.md").read_text().splitlines()
+    assert table[2].startswith("| variant | patches | thought | seeds | records |") and len(table) == 6
+    with pytest.raises(UserError, match="delete it to probe again"):
+        patch_cells.main.__wrapped__([str(tmp_path / "runs"), "--records", str(exported_visual / "other.jsonl")])
