@@ -55,7 +55,9 @@ def probe_cells(run: Path, records: str, device: torch.device) -> dict:
     for index, picks in enumerate(patches):
         tokens, record = prompts.tokens[index], prompts.records[index]
         if len(tokens.images) != 1:
-            raise UserError(f"{records}: record {record.get('id')} has {len(tokens.images)} images, a grid one")
+            raise UserError(
+                f"{records}: record {record.get('id')} has {len(tokens.images)} images; a grid record has one"
+            )
         with image_file(tokens.images[0], records) as image:
             size = image.size
         seen = token_cells(tokens.n_tiles[0] * vision.tokens_per_tile, size, vision, max_tiles)
