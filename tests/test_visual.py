@@ -17,11 +17,11 @@ import torch
 from conftest import build_batch, make_coconut, plain_hidden, reference_visual_logits, shifted_loss
 from PIL import Image
 
-import coconut
 import demo_data
 import infer
 import inference
 import patch_cells
+import prefill
 from checkpoint import export_pretrained
 from coconut import positions_from_mask
 from config import Config
@@ -118,7 +118,7 @@ def test_one_pass_per_thought_and_one_for_the_last_patches(visual_base):
 
 def test_passes_split_to_match_another_ranks_count_change_nothing(visual_base, monkeypatch):
     """A rank whose batch needs fewer passes than another rank's splits its longest passes further
-    (`Coconut._segments`); with enough of them, passes start inside a thought's patches and hold no thought, and a
+    (`prefill.segments`); with enough of them, passes start inside a thought's patches and hold no thought, and a
     thought's source is no longer the pass before its own: the same logits, patches and weights."""
     base, tokenizer, _ = visual_base
     model = make_coconut(base, tokenizer, visual_latents=2)
@@ -130,7 +130,7 @@ def test_passes_split_to_match_another_ranks_count_change_nothing(visual_base, m
         own = len(calls)
         # a 2-rank job whose other rank runs 32 passes more (the collective's MAX, answered here): every pass of
         # this 54-column batch then spans 1 or 2 columns
-        monkeypatch.setattr(coconut, "is_distributed", lambda: True)
+        monkeypatch.setattr(prefill, "is_distributed", lambda: True)
         monkeypatch.setattr(torch.distributed, "all_reduce", lambda passes, op: passes.add_(32))
         split = model(ids, mask, pixel_values=pixels)
     handle.remove()
